@@ -1,0 +1,278 @@
+"""MoV: a mixture of (IA)3 vectors, and (IA)3 itself, added to a frozen model from outside.
+
+Zadouri et al. 2023, "Pushing Mixture of Experts to the Limit" (arXiv 2309.05444), section 2; the original code is
+for-ai/parameter-efficient-moe `src/mov.py`, `src/ia3.py`, `src/routing.py`, `configs/{mov,ia3}.gin`
+(REFERENCE.md section 2). For every rescaled activation h:
+
+    p  = softmax(h @ W_r)          router kernel W_r [d, E], N(0, 0.02), no bias; logits and softmax in float32
+    s  = sum_e p_e * v_e           expert vectors v_e start at ones, so the model is unchanged at step 0
+    h' = h * s                     (IA)3 is the dense baseline: h' = h * v with one vector and no router
+
+Sites (the original's `k_conv`, `v_conv` and `intermediate_conv` slots):
+  - keys and values of every attention (encoder self, decoder self, decoder cross), routed per head: h is the
+    projected key/value viewed as [b, L, H, d_kv]; W_r [d_kv, E] is shared by the heads; vectors [H, E, d_kv].
+  - the FFN's activation: h = gelu(wi_0 x) is rescaled before it multiplies wi_1 x; W_r [d_ff, E]; vectors [E, d_ff].
+The router reads the activation it rescales. No noise, temperature or auxiliary loss; padding is routed like text.
+
+Usage:
+    model = mov.add_mov(t5_model, num_experts=10)       # wraps k, v and act in place; freezes all else
+    optimizer = Adafactor([p for p in model.parameters() if p.requires_grad])
+    logits = model(input_ids, decoder_input_ids)
+
+Options beyond the released config (both are ablations in the paper):
+  - top_k: softmax over all experts, then zero all but the k largest, without renormalising (the original's
+    `Router.top_k`; so at init s = kept probability mass < 1, not the identity); `renormalize=True` divides the
+    kept ones by their sum instead (identity at init).
+  - router_input="sentence": the router reads one embedding per example (the paper used Sentence-T5), passed for a
+    batch with `with mov.sentence_routing(model, embeddings):`; every token of an example then shares one routing.
+    At attention sites the same probabilities serve every head (there is no per-head activation to read).
+Shapes follow the original: (IA)3's attention vector is [H, d_kv] (`IA3Attention`), its FFN vector [d_ff], so
+MoV with one expert equals (IA)3. Parameter names: `mov_router` ([d, E], the original's `router/.../kernel`),
+`mov_experts` (the original's `mov_scaling`), `ia3_scale` (`ia3_scaling`); `is_adapter_param` recognises them.
+Deliberate deviations from the original:
+  - Expert mixing runs in float32 and the rescale multiplies in the activation's dtype (the original's MoV kept
+    dtype float32 and let JAX promote the product to float32). Restore it by running the model in float32.
+  - Adapter parameters are created in float32 on the base weight's device (meta included), whatever its dtype.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADAPTER_PARAM_NAMES = ("mov_router", "mov_experts", "ia3_scale")
+ROUTER_INPUTS = ("token", "sentence")
+ATTENTION_TARGETS = ("k", "v")  # T5's key and value projections (q, k, v, o of every attention)
+FFN_TARGETS = ("act",)  # T5's FFN activation module, between wi_0 and the product with wi_1
+
+
+def is_adapter_param(name):
+    """True for the parameters add_mov / add_ia3 create (the trainable ones), by their last name component."""
+    return name.rsplit(".", 1)[-1] in ADAPTER_PARAM_NAMES
+
+
+def _fp32(device):
+    """A context with autocast off on `device`, so router math stays float32 under bf16 autocast."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # meta and other devices without autocast
+
+
+def route(x, kernel, top_k=None, renormalize=False):
+    """Router probabilities softmax(x @ kernel) in float32, [..., d] x [d, E] -> [..., E]; optional top-k mask."""
+    with _fp32(x.device):
+        probs = torch.softmax(x.float() @ kernel.float(), dim=-1)
+    if top_k is not None:
+        # one-hot mask of the k largest (static shapes: topk + scatter, no boolean indexing)
+        keep = torch.zeros_like(probs).scatter(-1, probs.topk(top_k, dim=-1).indices, 1.0)
+        probs = probs * keep
+        if renormalize:
+            probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+class _Rescale(nn.Module):
+    """The rescaling shared by both sites: (IA)3 when num_experts is None, MoV otherwise.
+
+    heads=None is the FFN site (h [..., d], vectors [E, d]); heads=H an attention site (h [..., H, d],
+    vectors [H, E, d]). Set `record_routing = True` to keep the last probabilities in `last_routing`
+    ([..., (H,) E], detached) for analysis.
+    """
+
+    def __init__(self, dim, heads, num_experts, top_k, renormalize, router_input, sentence_dim, device):
+        super().__init__()
+        self.dim, self.heads, self.num_experts = dim, heads, num_experts
+        self.top_k, self.renormalize = top_k, renormalize
+        self.router_input = router_input if num_experts is not None else None
+        head_shape = () if heads is None else (heads,)
+        if num_experts is None:
+            self.ia3_scale = nn.Parameter(torch.ones(*head_shape, dim, device=device))
+        else:
+            router_dim = dim if router_input == "token" else sentence_dim
+            self.mov_router = nn.Parameter(torch.empty(router_dim, num_experts, device=device))
+            nn.init.normal_(self.mov_router, std=0.02)
+            self.mov_experts = nn.Parameter(torch.ones(*head_shape, num_experts, dim, device=device))
+        self.record_routing = False
+        self.last_routing = None
+        self.sentence_embedding = None  # [b, D], set only inside `sentence_routing`
+
+    def rescale(self, h):
+        """h' = h * sum_e p_e v_e (or h * v for (IA)3); h [..., H, d] or [..., d]; returns h's shape and dtype."""
+        if self.num_experts is None:
+            return h * self.ia3_scale.to(h.dtype)
+        # b = batch, l = length, h = heads, e = experts, d = features ("..." = b, l); the FFN site has one "head"
+        hh = h if self.heads else h.unsqueeze(-2)  # [..., H, d]
+        experts = self.mov_experts if self.heads else self.mov_experts.unsqueeze(0)  # [H, E, d]
+        if self.router_input == "token":
+            probs = route(hh, self.mov_router, self.top_k, self.renormalize)  # [..., H, E]
+        else:
+            probs = self._sentence_probs(hh)  # [..., H, E], equal along every axis but the batch
+        if self.record_routing:
+            self.last_routing = (probs if self.heads else probs.squeeze(-2)).detach()
+        with _fp32(h.device):
+            scale = torch.einsum("...he,hed->...hd", probs, experts.float())  # [..., H, d]
+        scale = scale.to(h.dtype)
+        return h * (scale if self.heads else scale.squeeze(-2))
+
+    def _sentence_probs(self, hh):
+        """Routing from the per-example embedding, broadcast to every token (and head): [..., H, E]."""
+        emb = self.sentence_embedding
+        if emb is None:
+            raise RuntimeError(
+                "this MoV layer routes on sentence embeddings but none was given; run the model inside "
+                "`with mov.sentence_routing(model, embeddings):` with embeddings [batch, sentence_dim]")
+        if emb.shape[0] != hh.shape[0]:
+            raise ValueError(f"sentence embeddings have batch {emb.shape[0]} but the activation has batch "
+                             f"{hh.shape[0]}; pass one embedding per example of this forward")
+        probs = route(emb, self.mov_router, self.top_k, self.renormalize)  # [b, E]
+        probs = probs.view(emb.shape[0], *([1] * (hh.dim() - 2)), self.num_experts)  # [b, 1.., 1, E]
+        return probs.expand(*hh.shape[:-1], self.num_experts)
+
+    def extra_repr(self):
+        kind = "ia3" if self.num_experts is None else f"experts={self.num_experts}, router_input={self.router_input}"
+        top = f", top_k={self.top_k}, renormalize={self.renormalize}" if self.top_k is not None else ""
+        return f"dim={self.dim}, heads={self.heads}, {kind}{top}"
+
+
+class MoVLinear(_Rescale):
+    """A key/value projection followed by per-head MoV (or (IA)3); owns the wrapped Linear's `weight` and `bias`."""
+
+    def __init__(self, linear, num_heads, num_experts=None, top_k=None, renormalize=False, router_input="token",
+                 sentence_dim=None):
+        super().__init__(linear.out_features // num_heads, num_heads, num_experts, top_k, renormalize,
+                         router_input, sentence_dim, linear.weight.device)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same Parameter object: `...k.weight` keeps its name
+        self.register_parameter("bias", linear.bias)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)  # [b, L, H*d]
+        h = y.unflatten(-1, (self.heads, self.dim))  # [b, L, H, d]
+        return self.rescale(h).flatten(-2)  # [b, L, H*d]
+
+
+class MoVActivation(_Rescale):
+    """The FFN activation followed by MoV (or (IA)3): gelu(wi_0 x) is rescaled before the product with wi_1 x."""
+
+    def __init__(self, act, dim, num_experts=None, top_k=None, renormalize=False, router_input="token",
+                 sentence_dim=None, device=None):
+        super().__init__(dim, None, num_experts, top_k, renormalize, router_input, sentence_dim, device)
+        self.fn = act  # the original activation module (no parameters in T5)
+
+    def forward(self, x):
+        return self.rescale(self.fn(x))  # [b, L, d_ff]
+
+
+@contextlib.contextmanager
+def sentence_routing(model, embeddings):
+    """Within the block, every sentence-routed MoV layer of `model` routes row i by embeddings[i] ([batch, D])."""
+    layers = [m for m in model.modules() if isinstance(m, _Rescale) and m.router_input == "sentence"]
+    if not layers:
+        raise ValueError("the model has no sentence-routed MoV layers; build it with "
+                         "add_mov(model, num_experts, router_input='sentence', sentence_dim=D)")
+    if embeddings.dim() != 2 or embeddings.shape[1] != layers[0].mov_router.shape[0]:
+        raise ValueError(f"sentence embeddings must be [batch, {layers[0].mov_router.shape[0]}], "
+                         f"got {list(embeddings.shape)}")
+    for m in layers:
+        m.sentence_embedding = embeddings
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.sentence_embedding = None
+
+
+def add_mov(model, num_experts, top_k=None, renormalize=False, router_input="token", sentence_dim=None,
+            attention_targets=ATTENTION_TARGETS, ffn_targets=FFN_TARGETS, num_heads=None, head_dim=None,
+            ffn_dim=None):
+    """Wrap the attention key/value projections and FFN activations of `model` with MoV; freeze all else.
+
+    Targets match a module whose dotted name equals the target or ends with "." + target. Attention sites must be
+    nn.Linear; heads come from num_heads / head_dim or model.config.num_heads / d_kv. The FFN width comes from
+    ffn_dim or the sibling `wi_0` / `wi` Linear. Returns the model.
+    """
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= num_experts):
+        raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}] or None, got {top_k!r}")
+    if router_input not in ROUTER_INPUTS:
+        raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {router_input!r}")
+    if router_input == "sentence" and not (isinstance(sentence_dim, int) and sentence_dim > 0):
+        raise ValueError(f"router_input='sentence' needs sentence_dim= (the embedding size), got {sentence_dim!r}")
+    site = dict(num_experts=num_experts, top_k=top_k, renormalize=renormalize, router_input=router_input,
+                sentence_dim=sentence_dim)
+    return _inject(model, site, attention_targets, ffn_targets, num_heads, head_dim, ffn_dim)
+
+
+def add_ia3(model, attention_targets=ATTENTION_TARGETS, ffn_targets=FFN_TARGETS, num_heads=None, head_dim=None,
+            ffn_dim=None):
+    """Wrap the same sites as add_mov with one (IA)3 vector each (ones, no router); freeze all else."""
+    return _inject(model, dict(num_experts=None), attention_targets, ffn_targets, num_heads, head_dim, ffn_dim)
+
+
+def _inject(model, site, attention_targets, ffn_targets, num_heads, head_dim, ffn_dim):
+    """Replace every matched module by its wrapper (setattr on the parent), then set requires_grad by name."""
+    if any(is_adapter_param(n) for n, _ in model.named_parameters()):
+        raise ValueError("the model already has MoV/(IA)3 parameters; apply add_mov/add_ia3 once, to a fresh model")
+    attention_targets, ffn_targets = _names(attention_targets), _names(ffn_targets)
+    if not attention_targets + ffn_targets:
+        raise ValueError("attention_targets and ffn_targets are both empty; name at least one module to adapt")
+    if set(attention_targets) & set(ffn_targets):
+        raise ValueError(f"a target is both an attention and an FFN site: {set(attention_targets) & set(ffn_targets)}")
+    config = getattr(model, "config", None)
+    heads = num_heads if num_heads is not None else getattr(config, "num_heads", None)
+    d_kv = head_dim if head_dim is not None else getattr(config, "d_kv", None)
+    hits = {t: 0 for t in attention_targets + ffn_targets}
+    # remove_duplicate=False: a module reachable by two paths (one shared activation) is wrapped at each
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        target = next((t for t in hits if name == t or name.endswith("." + t)), None)
+        if target is None:
+            continue
+        hits[target] += 1
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if target in attention_targets:
+            wrapper = MoVLinear(module, _heads_of(name, module, heads, d_kv), **site)
+        else:
+            dim, device = _ffn_dim_of(name, parent, ffn_dim)
+            wrapper = MoVActivation(module, dim, device=device, **site)
+        setattr(parent, leaf, wrapper)
+    missing = [t for t, n in hits.items() if n == 0]
+    if missing:
+        raise ValueError(f"targets {missing} matched no module of {type(model).__name__}; pass attention_targets= / "
+                         "ffn_targets= with this model's module names (see model.named_modules())")
+    for n, p in model.named_parameters():
+        p.requires_grad_(is_adapter_param(n))
+    return model
+
+
+def _names(targets):
+    """A tuple of target names; a single string is one name (not its characters)."""
+    return (targets,) if isinstance(targets, str) else tuple(targets)
+
+
+def _heads_of(name, module, heads, d_kv):
+    """Number of heads of the projection `module`, checking heads * d_kv == out_features."""
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"attention target {name} is a {type(module).__name__}, expected nn.Linear")
+    out = module.out_features
+    if heads is None and d_kv is None:
+        raise ValueError(f"cannot tell the heads of {name}: the model has no config.num_heads / config.d_kv; "
+                         "pass num_heads= (and/or head_dim=)")
+    heads = heads if heads is not None else out // d_kv
+    d_kv = d_kv if d_kv is not None else out // heads
+    if heads * d_kv != out:
+        raise ValueError(f"{name} has {out} outputs, not num_heads {heads} x head_dim {d_kv}; pass the right "
+                         "num_heads= / head_dim=")
+    return heads
+
+
+def _ffn_dim_of(name, parent, ffn_dim):
+    """Width and device of the FFN activation `name`: ffn_dim, else the sibling wi_0 / wi Linear's out_features."""
+    sibling = next((getattr(parent, s) for s in ("wi_0", "wi") if hasattr(parent, s)), None)
+    if ffn_dim is None:
+        if sibling is None:
+            raise ValueError(f"cannot tell the width of FFN activation {name}: no sibling wi_0/wi; pass ffn_dim=")
+        ffn_dim = sibling.out_features
+    first = next(iter(parent.parameters()), None)
+    return ffn_dim, (first.device if first is not None else None)

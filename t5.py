@@ -1,0 +1,447 @@
+"""T5 encoder-decoder in plain PyTorch: the frozen backbone that MoV / MoLORA adapt (REFERENCE section 1).
+
+Reproduces T5 (Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+Transformer") in both families: v1.1 / LM-adapted (gated-GELU FFN, untied lm_head; LM adaptation: Lester et al.
+2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"), the checkpoints the paper adapts
+(google/t5-{small..xxl}-lm-adapt), and the original T5 (ReLU FFN, tied embeddings). Module and parameter names
+equal Hugging Face's T5ForConditionalGeneration, so HF checkpoints load through one explicit key map.
+T5's quirks, kept on purpose:
+  - no 1/sqrt(d_kv) scaling of attention logits (Mesh TF folds it into the initialisation of q);
+  - one relative position bias table per stack, held by block 0's self-attention and shared by all its blocks
+    (bidirectional buckets in the encoder, causal buckets in the decoder, none in cross-attention);
+  - RMSNorm without mean or bias, variance in fp32; pre-norm residual blocks; no biases anywhere;
+  - tied embeddings (original T5) rescale the decoder output by d_model**-0.5 before the head; untied (v1.1) do not.
+Packed rows (seqio, REFERENCE section 7) are supported through segment ids: no attention crosses examples.
+
+Usage:
+    model = T5.from_pretrained("google/t5-xl-lm-adapt", dtype=torch.float32)   # or a local HF-layout directory
+    logits = model(input_ids, decoder_input_ids, attention_mask=mask)           # [b, T, vocab]
+    ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)     # [b, 32] greedy
+
+Deviations from HF's implementation (not from T5): attention softmax always in fp32 (HF: in the compute dtype);
+from_pretrained(dtype=bf16) casts every tensor, including `wo` (HF keeps `wo` in fp32; pass dtype=torch.float32
+and autocast to get that); no fp16 inf-clamping (use bf16); generate() re-runs the full-length decoder at each
+step instead of a KV cache (same tokens, fixed shapes, O(n^2) work).
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import zipfile
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_decoder_layers: int
+    num_heads: int
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"  # "gated-gelu" (v1.1) | "relu" (original T5)
+    tie_word_embeddings: bool = False  # True: no lm_head, logits = x @ shared.weight.T
+    scale_decoder_outputs: bool = False  # True: decoder output * d_model**-0.5 before the head (original T5)
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    def __post_init__(self):
+        if self.feed_forward_proj not in ("gated-gelu", "relu"):
+            raise ValueError(f"feed_forward_proj must be 'gated-gelu' or 'relu', got {self.feed_forward_proj!r}")
+
+    @classmethod
+    def preset(cls, name):
+        if name not in _PRESETS:
+            raise ValueError(f"unknown T5 preset {name!r}; choose one of {sorted(_PRESETS)}")
+        return _PRESETS[name]
+
+    @staticmethod
+    def hub_name(preset):
+        """The HF hub checkpoint of an LM-adapted preset: 'xl' -> 'google/t5-xl-lm-adapt'."""
+        if preset not in ("small", "base", "large", "xl", "xxl"):
+            raise ValueError(f"no hub checkpoint for preset {preset!r}; choose small, base, large, xl or xxl")
+        return f"google/t5-{preset}-lm-adapt"
+
+    @classmethod
+    def from_hf(cls, path_or_dict):
+        """Read a HF config.json (a dict, the file, or its directory). Tying is only a guess here: from_pretrained
+        decides it from the weight files. Rescaling follows `scale_decoder_outputs` (transformers 5.x writes it and
+        always says tie_word_embeddings=True) or else `tie_word_embeddings` (hub files written by 4.x)."""
+        d = path_or_dict
+        if not isinstance(d, dict):
+            path = os.path.join(d, "config.json") if os.path.isdir(d) else d
+            with open(path) as f:
+                d = json.load(f)
+        if d.get("model_type", "t5") not in ("t5", "mt5"):
+            raise ValueError(f"config model_type is {d['model_type']!r}; this file implements T5 only")
+        tie = d.get("tie_word_embeddings", True)  # HF's default when the key is absent
+        names = [f.name for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None]
+        kw = {n: d[n] for n in names}
+        kw["num_decoder_layers"] = d.get("num_decoder_layers") or d["num_layers"]
+        kw["tie_word_embeddings"] = tie
+        kw["scale_decoder_outputs"] = d.get("scale_decoder_outputs", tie)
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        return cls(**kw)
+
+
+def _lm_adapt(d_model, d_ff, layers, heads):
+    return T5Config(32128, d_model, 64, d_ff, layers, layers, heads)
+
+
+_PRESETS = {  # REFERENCE section 1 table (T5 v1.1 LM-adapted shapes)
+    "tiny": T5Config(512, 64, 16, 128, 2, 2, 4),
+    "small": _lm_adapt(512, 1024, 8, 6),
+    "base": _lm_adapt(768, 2048, 12, 12),
+    "large": _lm_adapt(1024, 2816, 24, 16),
+    "xl": _lm_adapt(2048, 5120, 24, 32),
+    "xxl": _lm_adapt(4096, 10240, 24, 64),
+}
+
+
+def num_parameters(config):
+    """Parameter count of a config (or preset name), built on the meta device: no memory is allocated."""
+    config = T5Config.preset(config) if isinstance(config, str) else config
+    with torch.device("meta"):
+        return sum(p.numel() for p in T5(config).parameters())
+
+
+def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
+    """T5's bucket of key_pos - query_pos (Mesh TF `_relative_position_bucket`): half the buckets hold exact
+    distances, the other half log-spaced distances up to max_distance (beyond: the last bucket). Bidirectional
+    splits the buckets between keys after (upper half) and before the query; causal maps keys after it to 0."""
+    n = -relative_position  # > 0 when the key is before the query
+    bucket = torch.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (n < 0).long() * num_buckets
+        n = n.abs()
+    else:
+        n = n.clamp(min=0)
+    max_exact = num_buckets // 2
+    # clamp(min=1) only keeps log() finite where n is small; those entries take the exact branch
+    large = max_exact + (torch.log(n.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return bucket + torch.where(n < max_exact, n, large)
+
+
+def allowed_pairs(q_len, k_len, q_segments, k_segments, k_mask, causal, device):
+    """Which (query, key) pairs may attend, bool [b or 1, 1, q_len, k_len]. Segment ids (0 = padding) define the
+    mask when given, so packed examples never see each other; else k_mask (1 = token, 0 = pad) masks keys."""
+    ok = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        ok = torch.tril(ok)
+    if k_segments is not None:
+        same = q_segments[:, None, :, None] == k_segments[:, None, None, :]
+        ok = ok & same & (k_segments != 0)[:, None, None, :]
+    elif k_mask is not None:
+        ok = ok & k_mask.bool()[:, None, None, :]
+    return ok
+
+
+def _additive(ok):
+    # large finite negative (not -inf): a fully masked padding row then gets a uniform softmax instead of NaN
+    return torch.where(ok, 0.0, torch.finfo(torch.float32).min)
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: x / rms(x) * weight, no mean, no bias; variance in fp32, result cast to the weight dtype."""
+
+    def __init__(self, d_model, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(self.weight.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention without 1/sqrt(d_kv) scaling; `bias` carries position bias and mask together."""
+
+    def __init__(self, cfg, relative_bias=False, bidirectional=True):
+        super().__init__()
+        inner = cfg.num_heads * cfg.d_kv
+        self.cfg, self.bidirectional = cfg, bidirectional
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        if relative_bias:
+            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def position_bias(self, q_len, k_len):
+        """[1, H, q_len, k_len] fp32. Only relative positions enter, so inside a packed segment i - j (and the bias)
+        equals running the example alone: packing needs no positions input."""
+        device = self.relative_attention_bias.weight.device
+        rel = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
+        buckets = relative_position_bucket(rel, self.bidirectional, self.cfg.relative_attention_num_buckets,
+                                           self.cfg.relative_attention_max_distance)  # [q_len, k_len]
+        return self.relative_attention_bias(buckets).float().permute(2, 0, 1)[None]
+
+    def forward(self, x, kv, bias):
+        # b = batch, t = query positions, s = key positions, h = heads, d = d_kv
+        b, t, s, h = x.shape[0], x.shape[1], kv.shape[1], self.cfg.num_heads
+        q = self.q(x).view(b, t, h, -1)  # [b, t, h, d]
+        k = self.k(kv).view(b, s, h, -1)  # [b, s, h, d]
+        v = self.v(kv).view(b, s, h, -1)
+        logits = torch.einsum("bthd,bshd->bhts", q, k).float() + bias  # no 1/sqrt(d): folded into q's init
+        probs = self.dropout(logits.softmax(-1).to(v.dtype))  # [b, h, t, s]
+        return self.o(torch.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, -1))
+
+
+class GatedFFN(nn.Module):
+    """v1.1: wo(dropout(act(wi_0 x) * wi_1 x)), act = GELU with the tanh approximation (HF's gelu_new)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x):
+        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
+
+
+class ReluFFN(nn.Module):
+    """Original T5: wo(dropout(relu(wi x)))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x):
+        return self.wo(self.dropout(self.act(self.wi(x))))
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, cfg, relative_bias, bidirectional):
+        super().__init__()
+        self.SelfAttention = Attention(cfg, relative_bias, bidirectional)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x, bias):
+        h = self.layer_norm(x)
+        return x + self.dropout(self.SelfAttention(h, h, bias))
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.EncDecAttention = Attention(cfg)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x, encoder_hidden, bias):
+        return x + self.dropout(self.EncDecAttention(self.layer_norm(x), encoder_hidden, bias))
+
+
+class FeedForwardLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.DenseReluDense = GatedFFN(cfg) if cfg.feed_forward_proj == "gated-gelu" else ReluFFN(cfg)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x):
+        return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
+
+
+class Block(nn.Module):
+    """Encoder block: layer = [self-attention, FFN]; decoder block: [causal self-attention, cross-attention, FFN]."""
+
+    def __init__(self, cfg, relative_bias, is_decoder):
+        super().__init__()
+        layers = [SelfAttentionLayer(cfg, relative_bias, bidirectional=not is_decoder)]
+        layers += [CrossAttentionLayer(cfg)] if is_decoder else []
+        self.layer = nn.ModuleList(layers + [FeedForwardLayer(cfg)])
+
+    def forward(self, x, self_bias, encoder_hidden=None, cross_bias=None):
+        x = self.layer[0](x, self_bias)
+        if encoder_hidden is not None:
+            x = self.layer[1](x, encoder_hidden, cross_bias)
+        return self.layer[-1](x)
+
+
+class Stack(nn.Module):
+    """Encoder or decoder: dropout(embeddings) -> blocks -> final RMSNorm -> dropout. Block 0 holds the bias table."""
+
+    def __init__(self, cfg, num_layers, is_decoder):
+        super().__init__()
+        self.block = nn.ModuleList([Block(cfg, i == 0, is_decoder) for i in range(num_layers)])
+        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def position_bias(self, q_len, k_len):
+        return self.block[0].layer[0].SelfAttention.position_bias(q_len, k_len)
+
+    def forward(self, x, self_bias, encoder_hidden=None, cross_bias=None):
+        x = self.dropout(x)
+        for block in self.block:
+            x = block(x, self_bias, encoder_hidden, cross_bias)
+        return self.dropout(self.final_layer_norm(x))
+
+
+class T5(nn.Module):
+    """T5 encoder-decoder; parameter names equal HF's T5ForConditionalGeneration (minus its embed_tokens aliases)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Stack(config, config.num_layers, is_decoder=False)
+        self.decoder = Stack(config, config.num_decoder_layers, is_decoder=True)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        """Mesh TF / HF initialisation (matters only for a model trained from scratch, e.g. the offline demo)."""
+        c = self.config
+        std = {"q": (c.d_model * c.d_kv) ** -0.5,  # carries the 1/sqrt(d_kv) that attention leaves out
+               "k": c.d_model ** -0.5, "v": c.d_model ** -0.5, "o": (c.num_heads * c.d_kv) ** -0.5,
+               "wi": c.d_model ** -0.5, "wi_0": c.d_model ** -0.5, "wi_1": c.d_model ** -0.5, "wo": c.d_ff ** -0.5,
+               "relative_attention_bias": c.d_model ** -0.5, "shared": 1.0, "lm_head": 1.0}
+        for name, p in self.named_parameters():  # norms (leaf "layer_norm") keep their ones
+            if name.split(".")[-2] in std:
+                nn.init.normal_(p, std=std[name.split(".")[-2]])
+
+    def encode(self, input_ids, attention_mask=None, segment_ids=None):
+        """[b, L] ids -> [b, L, d_model]. segment_ids (0 = pad) confine attention to each packed example."""
+        L = input_ids.shape[1]
+        ok = allowed_pairs(L, L, segment_ids, segment_ids, attention_mask, False, input_ids.device)
+        bias = self.encoder.position_bias(L, L) + _additive(ok)  # [b, H, L, L] fp32
+        return self.encoder(self.shared(input_ids), bias)
+
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
+               encoder_segment_ids=None, decoder_segment_ids=None):
+        """[b, T] decoder ids + [b, L, d_model] encoder output -> logits [b, T, vocab]."""
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("pass both encoder_segment_ids and decoder_segment_ids (packed rows), or neither")
+        T, L, dev = decoder_input_ids.shape[1], encoder_hidden.shape[1], decoder_input_ids.device
+        self_ok = allowed_pairs(T, T, decoder_segment_ids, decoder_segment_ids, decoder_attention_mask, True, dev)
+        cross_ok = allowed_pairs(T, L, decoder_segment_ids, encoder_segment_ids, encoder_attention_mask, False, dev)
+        self_bias = self.decoder.position_bias(T, T) + _additive(self_ok)  # [b, H, T, T]
+        x = self.decoder(self.shared(decoder_input_ids), self_bias, encoder_hidden, _additive(cross_ok))
+        if self.config.scale_decoder_outputs:
+            x = x * self.config.d_model ** -0.5  # original T5 (tied head) only; v1.1 does not rescale
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.shared.weight)
+
+    def forward(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,
+                encoder_segment_ids=None, decoder_segment_ids=None):
+        encoder_hidden = self.encode(input_ids, attention_mask, encoder_segment_ids)
+        return self.decode(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask,
+                           encoder_segment_ids, decoder_segment_ids)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32):
+        """Greedy decoding, fixed shapes, no host sync: [b, max_new_tokens] ids, pad (0) after each row's EOS."""
+        c, b = self.config, input_ids.shape[0]
+        encoder_hidden = self.encode(input_ids, attention_mask)
+        # column 0 = decoder start; step t writes column t + 1. The causal mask hides the not-yet-written columns,
+        # so the full-length re-run at step t gives the same logits at position t as a growing prefix would.
+        ids = torch.full((b, max_new_tokens + 1), c.pad_token_id, dtype=torch.long, device=input_ids.device)
+        ids[:, 0] = c.decoder_start_token_id
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for t in range(max_new_tokens):
+            next_id = self.decode(ids[:, :-1], encoder_hidden, attention_mask)[:, t].argmax(-1)  # [b]
+            next_id = torch.where(done, c.pad_token_id, next_id)
+            ids[:, t + 1] = next_id
+            done = done | (next_id == c.eos_token_id)
+        return ids[:, 1:]
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu"):
+        """Load a HF-layout checkpoint (local directory or hub name) without ever holding two copies: the model is
+        built on the meta device and each file's tensors are assigned into place (memory-mapped and copy-on-write
+        when dtype and device match the file's). Strict about names and shapes."""
+        path = _resolve(name_or_path)
+        shards = {f: _open_weights(os.path.join(path, f)) for f in _weight_files(path)}
+        found = {k: (f, shape) for f, (shapes, _) in shards.items() for k, shape in shapes.items() if k not in _ALIASES}
+        # tying is decided by the files: transformers 5.x writes tie_word_embeddings=True even for untied v1.1
+        config = dataclasses.replace(T5Config.from_hf(path), tie_word_embeddings="lm_head.weight" not in found)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(expected.keys() - found.keys())
+        unexpected = sorted(found.keys() - expected.keys())
+        wrong = [f"{k} {found[k][1]} in {found[k][0]}, model wants {s}" for k, s in expected.items()
+                 if k in found and found[k][1] != s]
+        if missing or unexpected or wrong:
+            raise ValueError(f"checkpoint {path} does not match its config.json ({config}): missing tensors "
+                             f"{missing}; unexpected tensors {unexpected}; wrong shapes {wrong}")
+        for shapes, get in shards.values():
+            state = {k: get(k).to(device=device, dtype=dtype) for k in shapes if k in expected}
+            model.load_state_dict(state, strict=False, assign=True)
+        # T5 has no non-persistent buffers; this check catches any later addition left on the meta device
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"tensors left on the meta device after loading {path}: {left}")
+        return model.eval()
+
+
+# HF aliases of shared.weight, and a cross-attention bias old HF checkpoints carry unused (HF ignores it too)
+_ALIASES = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+_WEIGHT_LAYOUTS = [("model.safetensors.index.json", "model.safetensors"),
+                   ("pytorch_model.bin.index.json", "pytorch_model.bin")]
+
+
+def _weight_files(path):
+    """Weight files of a HF-layout directory, safetensors first; sharded files come from their index JSON."""
+    for index, single in _WEIGHT_LAYOUTS:
+        if os.path.exists(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                return sorted(set(json.load(f)["weight_map"].values()))
+        if os.path.exists(os.path.join(path, single)):
+            return [single]
+    raise FileNotFoundError(f"no weights in {path}: looked for {[n for layout in _WEIGHT_LAYOUTS for n in layout]}")
+
+
+def _open_weights(file):
+    """({name: shape}, get(name) -> tensor) for one file, reading tensors lazily (safetensors, mmap'd .bin)."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+        f = safe_open(file, framework="pt", device="cpu")
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.get_tensor
+    # zip-format .bin (torch >= 1.6) is memory-mapped like safetensors; a legacy (pre-1.6) .bin is read whole
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
+
+
+def _resolve(name_or_path):
+    """A local directory as is; else a hub name fetched with huggingface_hub (safetensors, else .bin files)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    tried = f"local directory {os.path.abspath(name_or_path)!r} (does not exist)"
+    how = ("pass a local directory holding config.json and model.safetensors or pytorch_model.bin (HF layout), "
+           "e.g. made with `huggingface-cli download google/t5-xl-lm-adapt --local-dir DIR` where the hub is reachable")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
+        raise FileNotFoundError(f"no checkpoint {name_or_path!r}: tried {tried}; not a hub name either. Fix: {how}")
+    from huggingface_hub import snapshot_download
+    try:
+        path = snapshot_download(name_or_path, allow_patterns=["config.json", "model*.safetensors*"])
+        if not any(os.path.exists(os.path.join(path, n)) for layout in _WEIGHT_LAYOUTS for n in layout):
+            path = snapshot_download(name_or_path, allow_patterns=["config.json", "pytorch_model*.bin*"])
+    except OSError as e:  # huggingface_hub's network, offline and not-found errors are all OSErrors
+        raise OSError(f"could not load {name_or_path!r}: tried {tried}, then the Hugging Face hub, which failed "
+                      f"({type(e).__name__}: {e}). Fix: {how}") from e
+    return path

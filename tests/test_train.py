@@ -1,0 +1,143 @@
+"""train.py: the loss, the demo run end to end, resuming, checkpoints and bad inputs (tiny model, demo data)."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import adafactor
+import train
+from safetensors.torch import load_file
+
+
+def demo_cfg(out, **overrides):
+    """The demo preset, shortened to a handful of steps and small shapes for CI."""
+    cfg, _ = train.parse_args(["--preset", "demo", "--out", str(out), "--steps", "6", "--batch-size", "4",
+                               "--input-length", "64", "--target-length", "16", "--log-every", "1",
+                               "--save-every", "3", "--no-evaluate", "--device", "cpu"])
+    return train.Config(**{**cfg.__dict__, **overrides})
+
+
+def logged_losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_loss_is_t5x_average_per_sequence_with_z_loss():
+    """loss_fn equals a NumPy loop: per-example mean token CE (+ z-loss) over packed segments, averaged over examples."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 6, 5))
+    targets = rng.integers(1, 5, size=(2, 6))
+    segments = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]])
+    weights = (segments > 0).astype(np.float64)
+    weights[0, 1] = 0.0  # a token without loss still counts nowhere
+    batch = {"decoder_target_tokens": torch.tensor(targets), "decoder_segment_ids": torch.tensor(segments),
+             "decoder_loss_weights": torch.tensor(weights)}
+    loss, ce, z = train.loss_fn(torch.tensor(logits), batch, z_loss=1e-2)
+    per_example = []
+    for b in range(2):
+        for seg in set(segments[b]) - {0}:
+            toks = [t for t in range(6) if segments[b, t] == seg and weights[b, t] > 0]
+            lse = [np.log(np.exp(logits[b, t]).sum()) for t in toks]
+            token_losses = [l - logits[b, t, targets[b, t]] + 1e-2 * l ** 2 for l, t in zip(lse, toks)]
+            per_example.append(np.mean(token_losses))
+    assert loss.item() == pytest.approx(np.mean(per_example), rel=1e-6)
+    assert (ce + z).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_count_params_xl_matches_reference_table(capsys):
+    """--count-params on the meta device prints REFERENCE section 4's trainable counts for xl."""
+    expected = {("mov", 10): "7,956,480", ("mov", 30): "23,869,440", ("ia3", 1): "540,672",
+                ("lora", 1): "7,471,104", ("molora", 15): "126,074,880"}
+    for (method, experts), count in expected.items():
+        cfg, only_count = train.parse_args(["--model", "xl", "--method", method, "--experts", str(experts),
+                                            "--count-params"])
+        assert only_count
+        text = train.count_params(cfg)
+        assert f"trainable parameters {count} " in text, text
+        assert "backbone parameters  2,849,757,184" in text, text
+
+
+def test_demo_runs_end_to_end_and_evaluates(tmp_path):
+    """The demo preset trains, writes a checkpoint and log, and its evaluation writes eval.json and eval.md."""
+    cfg = demo_cfg(tmp_path / "run", steps=3, evaluate=True, eval_max_examples=3)
+    result = train.main(cfg)
+    assert result["step"] == 3
+    assert [s for s, _ in train.checkpoints(cfg.out)] == [3]
+    assert os.path.exists(tmp_path / "run" / "eval.json") and os.path.exists(tmp_path / "run" / "eval.md")
+    assert sorted(logged_losses(cfg.out)) == [1, 2, 3]
+
+
+def test_resume_after_stop_gives_the_uninterrupted_losses(tmp_path, monkeypatch):
+    """A run stopped by SIGTERM at step 4 and resumed logs the same losses as an uninterrupted run."""
+    full = demo_cfg(tmp_path / "full")
+    train.main(full)
+    reference = logged_losses(full.out)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+
+    calls = {"n": 0}
+    original_step = adafactor.Adafactor.step
+
+    def step_then_signal(self, *args, **kwargs):
+        out = original_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGTERM)  # as `kill` would, mid-run, between checkpoints (every 3)
+        return out
+    monkeypatch.setattr(adafactor.Adafactor, "step", step_then_signal)
+    part = demo_cfg(tmp_path / "part")
+    with pytest.raises(SystemExit) as stopped:
+        train.main(part)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert [s for s, _ in train.checkpoints(part.out)] == [3, 4]
+    monkeypatch.setattr(adafactor.Adafactor, "step", original_step)
+    train.main(part)  # the same command again resumes from step 4
+    resumed = logged_losses(part.out)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for s in reference:
+        assert resumed[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-7), s
+
+
+@pytest.mark.parametrize("method", ["mov", "molora"])
+def test_checkpoint_holds_only_adapter_tensors(tmp_path, method):
+    """A PEFT checkpoint holds the adapter and router tensors only, none of the frozen backbone."""
+    cfg = demo_cfg(tmp_path / method, method=method, experts=3, steps=1)
+    train.main(cfg)
+    tensors = load_file(os.path.join(train.checkpoints(cfg.out)[-1][1], "trainable.safetensors"))
+    model = train.build_model(cfg, torch.device("cpu"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(tensors) == trainable
+    assert not any(n.endswith(".weight") for n in tensors), sorted(tensors)[:5]
+    assert any("router" in n for n in tensors)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "adapterx"], "invalid choice"),
+    (["--experts", "0"], "--experts must be positive"),
+    (["--top-k", "5", "--experts", "4"], "--top-k must be between 1 and --experts"),
+    (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_are_clear_errors(argv, message, capsys):
+    """Unknown methods, impossible values and unknown flags stop with a message naming them."""
+    with pytest.raises(SystemExit) as err:
+        train.parse_args(argv)
+    assert message in str(err.value) + capsys.readouterr().err
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    """A --model path that does not exist fails with an error naming it."""
+    cfg = demo_cfg(tmp_path / "run", model=str(tmp_path / "no_such_model"))
+    with pytest.raises(Exception, match="no_such_model"):
+        train.main(cfg)
+
+
+def test_checkpoint_of_another_method_refuses_to_load(tmp_path):
+    """Resuming a run directory with another method or expert count names the mismatch."""
+    train.main(demo_cfg(tmp_path / "run", steps=1))
+    with pytest.raises(SystemExit, match="method: saved 'mov', asked 'molora'"):
+        train.main(demo_cfg(tmp_path / "run", method="molora", steps=2))
+    with pytest.raises(SystemExit, match="experts: saved 10, asked 4"):
+        train.main(demo_cfg(tmp_path / "run", experts=4, steps=2))
