@@ -483,7 +483,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--target-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (evaluation: timed rounds)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (evaluation: timed rounds)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (XLA compiles during these)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or xla")

@@ -9,8 +9,8 @@ applied from outside (STYLE.md): the model files import only torch, and `train.p
     mesh = sharding.make_mesh(fsdp=4)                       # [devices / 4, 4] over ('data', 'fsdp')
     sharding.apply_sharding(model, mesh, sharding.mark_sharding, table=sharding.table_for("mov"))
 
-(optionally `sharding.apply_remat(model)` first) and shards each batch with `shard_batch(batch, mesh)` (or hands `batch_sharding(mesh)` to torch-xla's
-`MpDeviceLoader(loader, device, input_sharding=...)`), never inside the model. `python sharding.py --memory` prints
+(optionally `sharding.apply_remat(model)` first) and shards each batch with `shard_batch(batch, mesh)` (or hands
+`batch_sharding(mesh)` to torch-xla's `MpDeviceLoader(loader, device, input_sharding=...)`), never in the model. `python sharding.py --memory` prints
 the bytes per chip of every size and method for the paper's batch (REFERENCE.md sections 1, 4-6) and a mesh.
 
 Layout (REFERENCE.md section 1: HF names, Linear weights [out, in]):
@@ -78,11 +78,15 @@ ADAPTER_TABLES = {
 }
 
 
-def table_for(method):
-    """The table for a model built with `method`: the backbone's patterns plus that method's adapter patterns."""
+def table_for(method, tie_word_embeddings=False):
+    """The table for a T5 built with `method`: the backbone's patterns plus that method's adapter patterns.
+
+    tie_word_embeddings=True (original T5: no lm_head, the head reuses shared.weight) drops the lm_head pattern.
+    """
     if method not in ADAPTER_TABLES:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(ADAPTER_TABLES)}")
-    return BASE_TABLE + ADAPTER_TABLES[method]
+    base = [(p, s) for p, s in BASE_TABLE if not (tie_word_embeddings and p.startswith("^lm_head"))]
+    return base + ADAPTER_TABLES[method]
 
 
 def plan(named_shapes, table):
@@ -187,7 +191,6 @@ def shard_batch(batch, mesh, mark_sharding=mark_sharding):
     return batch
 
 
-
 def apply_remat(model, checkpoint=None):
     """Rematerialise every encoder/decoder block of a T5 in the backward (keep only block inputs); returns model.
 
@@ -214,9 +217,10 @@ def apply_remat(model, checkpoint=None):
         block.forward = remat(block.forward)
     return model
 
+
 # ----------------------------------------------------------------------------------------------- memory per chip
-# Model of the bytes one chip holds at the peak of a training step (stated, not measured; XLA's fusion and scheduling
-# move the activation figure by tens of percent either way):
+# Model of the bytes one chip holds at the peak of a training step (an estimate: XLA's fusion, rematerialisation
+# and scheduling move the activation figure by tens of percent either way):
 #   frozen      backbone weights / (their shards), in `weight_bytes` (fp32 as the original, or bf16)
 #   trainable   fp32 parameters + fp32 gradients + Adafactor state, sharded like the parameter: a full second moment
 #               unless the two largest dims are both >= 128 (then a row and a column vector); MoV / MoLORA / LoRA

@@ -28,6 +28,7 @@ eval.json / eval.md. Re-running the same command with the same --out resumes fro
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 import adafactor
 import data
@@ -76,6 +78,7 @@ class Config:
     dtype: str = "auto"
     device: str = "auto"
     fsdp: int = 1
+    remat: bool = False
     out: str = "runs/mov"
     seed: int = 0
     save_every: int = 10_000
@@ -115,6 +118,7 @@ HELP = {
     "dtype": "activations: auto (bf16 autocast on accelerators, fp32 on CPU), float32 or bfloat16",
     "device": "auto (TPU through torch-xla, then CUDA, then CPU), cpu, cuda or xla",
     "fsdp": "XLA SPMD: devices along the axis that shards the frozen weights (the rest is data parallel)",
+    "remat": "recompute each T5 block in the backward instead of keeping its activations (memory for time)",
     "out": "run directory: config, log, checkpoints, evaluation; re-running with it resumes",
     "seed": "seed of the data mixture, the adapter init and dropout",
     "save_every": "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)",
@@ -377,8 +381,15 @@ def main(cfg: Config) -> dict:
     if xla:
         import sharding
         mesh = sharding.make_mesh(cfg.fsdp)
+        if cfg.remat:
+            sharding.apply_remat(model)  # torch-xla's checkpoint: XLA would merge torch's back into the forward
         model = model.to(device)
-        sharding.apply_sharding(model, mesh, sharding.mark_sharding, table=sharding.table_for(cfg.method))
+        table = sharding.table_for(cfg.method, tie_word_embeddings=model.config.tie_word_embeddings)
+        sharding.apply_sharding(model, mesh, sharding.mark_sharding, table=table)
+    elif cfg.remat:
+        import sharding
+        sharding.apply_remat(model, checkpoint=functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                 use_reentrant=True))
     params = [p for p in model.parameters() if p.requires_grad]
 
     # --- optimizer: Adafactor over the trainable tensors only (the frozen backbone holds no state)
@@ -446,14 +457,14 @@ def main(cfg: Config) -> dict:
         nonlocal pending, tokens, t0, last
         elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
         rate, tokens = tokens / max(elapsed, 1e-9), 0
-        values = torch.stack([torch.stack([l, z]) for _, l, z in pending]).float().cpu().tolist()
-        for (s, _, _), (l, z) in zip(pending, values):
+        values = torch.stack([torch.stack([l, z]) for _, l, z, _ in pending]).float().cpu().tolist()
+        for (s, _, _, seen), (l, z) in zip(pending, values):
             if not math.isfinite(l):
                 newest = checkpoints(cfg.out)[-1][1] if checkpoints(cfg.out) else "(none yet)"
                 raise FloatingPointError(f"loss is {l} at step {s}; stopping. The newest checkpoint, {newest}, is "
                                          f"intact; try a lower --lr or --dtype float32")
             last = {"step": s, "loss": l, "z_loss": z, "lr": cfg.lr, "tokens_per_s": round(rate, 1),
-                    "examples_seen": mixture.stats["examples"]}
+                    "examples_seen": seen}
             log.write(json.dumps(last) + "\n")
         log.flush()
         pending = []
@@ -467,7 +478,7 @@ def main(cfg: Config) -> dict:
             loss, z = train_step(to_device(batch))
             step += 1
             bar.update(1)
-            pending.append((step, loss, z))
+            pending.append((step, loss, z, mixture.stats["examples"]))
             if step % cfg.log_every == 0 or step % cfg.save_every == 0 or step == cfg.steps:
                 write_log()
             if step % cfg.save_every == 0 or step == cfg.steps:

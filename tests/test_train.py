@@ -141,3 +141,17 @@ def test_checkpoint_of_another_method_refuses_to_load(tmp_path):
         train.main(demo_cfg(tmp_path / "run", method="molora", steps=2))
     with pytest.raises(SystemExit, match="experts: saved 10, asked 4"):
         train.main(demo_cfg(tmp_path / "run", experts=4, steps=2))
+
+
+def test_log_lines_report_the_examples_seen_at_their_own_step(tmp_path):
+    """With a log interval of 3, each line's examples_seen equals that step's count in a log-every-step run."""
+    every = demo_cfg(tmp_path / "every")
+    train.main(every)
+    sparse = demo_cfg(tmp_path / "sparse", log_every=3, save_every=6)
+    train.main(sparse)
+
+    def seen(out):
+        with open(os.path.join(out, "log.jsonl")) as f:
+            return {r["step"]: r["examples_seen"] for r in map(json.loads, f)}
+    assert seen(sparse.out) == seen(every.out)
+    assert sorted(seen(every.out).values()) == list(seen(every.out).values())

@@ -3,7 +3,10 @@
 The tests marked `xla` run in their own process with 4 virtual CPU devices (see .ci/run):
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 python -m pytest -q -m xla tests/test_xla.py
 SPMD must be on before the first XLA tensor of a process: the session fixture `xla` switches it on, and every
-xla test takes it first. The table tests need no torch-xla and run with the eager suite.
+xla test takes it first. Run this module in its own process: switching SPMD on also sets XLA_USE_SPMD=1 in
+os.environ, which subprocess-based XLA tests of other modules would inherit, and other modules' in-process XLA
+tensors made before it would have to be force-replicated. The table and memory-model tests need no torch-xla
+and run with the eager suite.
 
 `xla_train_step` below is the step structure train.py's `--device xla` path follows: forward, backward, optimizer
 step and zero_grad inside one `torch_xla.compile` region; the loss comes back as a device tensor, read on the host
@@ -12,7 +15,6 @@ only by a step closure (or every N steps), never by `.item()` inside the step.
 import copy
 import dataclasses
 import os
-import time
 
 import pytest
 import torch
@@ -136,6 +138,17 @@ def test_table_shards_the_largest_dim_of_every_backbone_matrix():
             assert set(spec) == {None}, name  # norms, position tables and MoV tensors are replicated
 
 
+def test_table_for_a_tied_head():
+    """A T5 with tied embeddings (no lm_head) is covered by table_for(..., tie_word_embeddings=True) and not without."""
+    config = dataclasses.replace(t5.T5Config.preset("tiny"), tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = mov.add_mov(t5.T5(config), 2)
+    assert "lm_head.weight" not in dict(model.named_parameters())
+    assert len(record(model, sharding.table_for("mov", tie_word_embeddings=True))) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match=r"lm_head"):
+        record(model, sharding.table_for("mov"))
+
+
 def test_table_errors_name_the_misfit():
     """A parameter without pattern, or a pattern without parameter, raises naming it."""
     with torch.device("meta"):
@@ -147,7 +160,7 @@ def test_table_errors_name_the_misfit():
 
 
 def test_memory_model_counts_match_the_reference():
-    """Parameter counts behind the memory table equal REFERENCE.md sections 1 and 4 (T5-xl), and frozen bytes split by fsdp."""
+    """The memory table's parameter counts equal REFERENCE.md sections 1 and 4 (T5-xl); frozen bytes split by fsdp."""
     parts = sharding.memory_per_chip("xl", "mov", experts=10, data=1, fsdp=4, batch=4)
     assert parts["trainable_params"] == 7_956_480
     assert sharding.memory_per_chip("xl", "ia3", data=4, fsdp=1, batch=4)["trainable_params"] == 540_672
@@ -319,3 +332,24 @@ def test_remat_on_xla_trains_like_eager_cpu(xla):
     got, want = trainable(model), trainable(cpu_model)
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=0, atol=1e-5), name
+
+
+@pytest.mark.xla
+def test_train_script_on_a_mesh_logs_the_cpu_losses(xla, tmp_path):
+    """`train.py --device xla --fsdp 2` (demo data, MoV, fp32, no dropout) logs the losses of the same run on CPU."""
+    import json
+
+    import train
+
+    def run(device, out):
+        cfg, _ = train.parse_args(["--preset", "demo", "--out", str(out), "--steps", "3", "--batch-size", "8",
+                                   "--input-length", "32", "--target-length", "8", "--log-every", "1",
+                                   "--experts", "4", "--dropout", "0", "--dtype", "float32", "--no-evaluate",
+                                   "--device", device, "--fsdp", "2"])
+        train.main(cfg)
+        with open(os.path.join(out, "log.jsonl")) as f:
+            return [r["loss"] for r in map(json.loads, f)]
+    cpu, tpu_like = run("cpu", tmp_path / "cpu"), run("xla", tmp_path / "xla")
+    assert len(cpu) == 3
+    assert tpu_like == pytest.approx(cpu, rel=1e-5, abs=1e-6)
+    assert len(train.checkpoints(str(tmp_path / "xla"))) == 1  # gathered to the host and written
