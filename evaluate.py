@@ -482,7 +482,7 @@ def load_model(args, device):
         model, cfg = train.load_run(args.run, step=args.step, device=device)
         meta = {k: getattr(cfg, k) for k in ("method", "experts", "rank", "model", "data", "router_input")}
         step = args.step if args.step is not None else max(s for s, _ in train.checkpoints(args.run))
-        name = f"{cfg.method}-{cfg.experts}" if cfg.method in ("mov", "molora") else cfg.method
+        name = train.run_name(cfg.method, cfg.experts)
         return model, {**meta, "step": step, "label": f"{name} step {step}"}
     # the backbone alone is built as train.py's "full" (no adapters) and labelled "none": it has no Table 1 row
     build = args.method if args.adapter is not None else "full"
@@ -496,27 +496,10 @@ def load_model(args, device):
             path = os.path.join(path, "trainable.safetensors")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--adapter {args.adapter}: no such safetensors file (or checkpoint directory)")
-        _load_adapter_file(model, path)
+        train.load_trainable(model, path)
     label = args.model if args.adapter is None else f"{args.model} + {os.path.basename(args.adapter)}"
     return model.to(device).eval(), {"method": method, "experts": args.experts, "rank": args.rank,
                                      "model": args.model, "data": None, "label": label}
-
-
-def _load_adapter_file(model, path):
-    """Copy a safetensors file's tensors into the model's trainable parameters; names and shapes must match."""
-    from safetensors.torch import load_file
-    saved = load_file(path)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"--adapter {path} does not fit --method/--experts/--rank: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if saved[name].shape != p.shape:
-                raise ValueError(f"--adapter {path}: {name} is {tuple(saved[name].shape)}, the model expects "
-                                 f"{tuple(p.shape)}; check --experts/--rank")
-            p.copy_(saved[name])
 
 
 def main(argv=None):

@@ -79,7 +79,7 @@ class Config:
     device: str = "auto"
     fsdp: int = 1
     remat: bool = False
-    out: str = "runs/mov"
+    out: str = ""  # empty: runs/[<preset>-]<method>[-<experts>]
     seed: int = 0
     save_every: int = 10_000
     keep: int = 3
@@ -94,7 +94,7 @@ PRESETS = {
     # Offline demo: a tiny random T5 and synthetic tasks in P3's layout, then the held-out evaluation.
     "demo": dict(model="tiny", data="demo", steps=300, batch_size=8, input_length=128, target_length=32,
                  lr=1e-2, adafactor_step_offset=0, save_every=100, log_every=10, evaluate=True,
-                 eval_max_examples=40, out="runs/demo"),
+                 eval_max_examples=40),
 }
 
 HELP = {
@@ -119,7 +119,8 @@ HELP = {
     "device": "auto (TPU through torch-xla, then CUDA, then CPU), cpu, cuda or xla",
     "fsdp": "XLA SPMD: devices along the axis that shards the frozen weights (the rest is data parallel)",
     "remat": "recompute each T5 block in the backward instead of keeping its activations (memory for time)",
-    "out": "run directory: config, log, checkpoints, evaluation; re-running with it resumes",
+    "out": "run directory (config, log, checkpoints, evaluation); re-running with it resumes; "
+           "default runs/[<preset>-]<method>[-<experts>]",
     "seed": "seed of the data mixture, the adapter init and dropout",
     "save_every": "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)",
     "keep": "keep the newest N checkpoints",
@@ -131,10 +132,13 @@ HELP = {
 
 # ----------------------------------------------------------------------------------------------- config
 def parse_args(argv=None) -> tuple[Config, bool]:
+    presets = "\n".join(f"  {name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the dataclass defaults'}"
+                        for name, values in PRESETS.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"presets (explicit flags override them):\n{presets}")
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="base settings; flags given explicitly override them")
+                   help="base settings: paper (default) or demo; explicit flags override them")
     p.add_argument("--count-params", action="store_true",
                    help="print total and trainable parameters (no weights loaded) and exit")
     defaults = Config()
@@ -155,6 +159,9 @@ def parse_args(argv=None) -> tuple[Config, bool]:
     args = p.parse_args(argv)
     values = {**dataclasses.asdict(defaults), **PRESETS[args.preset]}
     values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
+    if not values["out"]:
+        prefix = "" if args.preset == "paper" else f"{args.preset}-"
+        values["out"] = os.path.join("runs", prefix + run_name(values["method"], values["experts"]))
     cfg = Config(**values)
     validate(cfg)
     return cfg, args.count_params
@@ -178,6 +185,10 @@ def validate(cfg: Config) -> None:
         raise SystemExit(f"error: --router-input sentence applies to --method mov only, got {cfg.method}")
     if cfg.batch_size % cfg.grad_accum:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
+
+
+def run_name(method: str, experts: int) -> str:
+    return f"{method}-{experts}" if method in ("mov", "molora") else method
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -301,19 +312,19 @@ def save_checkpoint(out: str, step: int, model, optimizer, mixture, keep: int) -
 
 
 def load_trainable(model: torch.nn.Module, path: str) -> None:
-    """Load a checkpoint's trainable tensors into `model`; names and shapes must match exactly."""
+    """Load a safetensors file of trainable tensors (a checkpoint's, or an adapter file) into `model`, strictly."""
     from safetensors.torch import load_file
-    saved = load_file(os.path.join(path, "trainable.safetensors"))
+    saved = load_file(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]}")
+        raise ValueError(f"{path} does not fit this model (check the method, experts and rank): missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
         for name, p in params.items():
             if saved[name].shape != p.shape:
-                raise RuntimeError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
-                                   f"the model expects {tuple(p.shape)}")
+                raise ValueError(f"{path}: {name} has shape {tuple(saved[name].shape)}, the model expects "
+                                 f"{tuple(p.shape)} (check the experts and rank)")
             p.copy_(saved[name])
 
 
@@ -343,7 +354,7 @@ def load_run(run_dir: str, step: Optional[int] = None, device="cpu") -> tuple[to
     if step is not None and step not in found:
         raise FileNotFoundError(f"run directory {run_dir} has no checkpoint of step {step}; it has {sorted(found)}")
     model = build_model(cfg, torch.device(device))
-    load_trainable(model, found[max(found) if step is None else step])
+    load_trainable(model, os.path.join(found[max(found) if step is None else step], "trainable.safetensors"))
     return model.eval(), cfg
 
 
@@ -402,7 +413,7 @@ def main(cfg: Config) -> dict:
     step = 0
     if resume is not None:
         step, path = resume
-        load_trainable(model, path)
+        load_trainable(model, os.path.join(path, "trainable.safetensors"))
         state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -504,7 +515,7 @@ def main(cfg: Config) -> dict:
         import evaluate
         model.eval()
         sets = data.load_eval(cfg.data, max_examples=cfg.eval_max_examples)
-        name = f"{cfg.method}-{cfg.experts}" if cfg.method in ("mov", "molora") else cfg.method
+        name = run_name(cfg.method, cfg.experts)
         meta = dict(method=cfg.method, experts=cfg.experts, rank=cfg.rank, model=cfg.model, data=cfg.data,
                     router_input=cfg.router_input, step=step, label=f"{name} step {step}")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
