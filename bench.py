@@ -16,13 +16,15 @@ interleaved ours / peer, the first of each pair alternating), with random tokens
 in T5's config, no padding, loss = mean token cross-entropy, and adafactor.Adafactor over the trainable
 (requires_grad) parameters for every implementation:
   - step time: wall time of forward + backward + optimizer step (device synchronised), median over --steps timed
-    steps after --warmup steps; throughput = batch * (input_len + target_len) / median step time;
+    steps after --warmup steps; throughput = batch * (input_len + target_len) / median step time; the table flags
+    a configuration whose slowest timed step took over 1.3x its fastest (another process took the cores);
   - peak memory: on CUDA torch.cuda.max_memory_allocated growth over the memory held before the model was built;
     on CPU (and XLA's host) the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs once
     the model and optimizer exist) minus the RSS before the model was built: weights + gradients + optimizer state
     + activations + allocator slack, imports excluded (each worker first runs one step of the `tiny` preset so
     that lazy imports and thread pools do not count);
-  - on XLA, the number of compilations (torch_xla.debug.metrics 'UncachedCompile') over the timed steps;
+  - on XLA, the number of compilations (torch_xla.debug.metrics 'UncachedCompile') over the timed steps (the
+    first two steps compile: Adafactor creates its state in the first; keep --warmup >= 2);
   - evaluation: evaluate.score_choices (one encoder pass per example, every choice decoded against it) against
     score_naive below (a full encoder + decoder forward per (example, choice) pair, as T5X's rank classification
     does), on 4-choice items with the same padding (longest input / longest choice), in eval mode.
@@ -35,6 +37,7 @@ compared with our (IA)3 and LoRA.
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -58,6 +61,7 @@ CONFIGS = {"full": ("full", None), "ia3": ("ia3", None), "mov-10": ("mov", 10), 
 PEERS = ("full", "ia3", "lora")  # configurations transformers + peft also have
 RANK, ALPHA = 4, 16
 NUM_CHOICES = 4
+NOISY_SPREAD = 1.3  # max / min step time above which a configuration's timings are flagged as disturbed
 VERDICT = {True: "yes", False: "**no**", None: "n/a"}  # a target met, missed, or not measured
 PEER_LORA_TARGETS = ["q", "k", "v", "o", "wi_0", "wo"]
 PEER_IA3_TARGETS, PEER_IA3_FEEDFORWARD = ["k", "v", "wo"], ["wo"]
@@ -167,42 +171,44 @@ class PeakMemory:
     """Peak memory growth since `baseline()`: CUDA allocator statistics, else the process's peak RSS (Linux)."""
 
     def __init__(self, device, in_process):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.method = "torch.cuda.max_memory_allocated growth (tensor memory on the GPU)"
-        elif not os.path.exists("/proc/self/clear_refs"):
-            self.method = "not measured (peak RSS needs Linux /proc/self/clear_refs)"
-        else:
+        if device.type == "cuda":
+            self.kind, self.method = "cuda", "torch.cuda.max_memory_allocated growth (tensor memory on the GPU)"
+        elif os.path.exists("/proc/self/clear_refs"):
             where = "host memory of the XLA process" if device.type == "xla" else "process"
+            self.kind = "rss"
             self.method = f"peak RSS growth of the {where} (VmHWM after a clear_refs reset, minus RSS before build)"
             if in_process:
                 self.method += "; in-process run: freed memory of earlier configurations may be reused"
+        else:
+            self.kind, self.method = None, "not measured (peak RSS needs Linux /proc/self/clear_refs)"
+        self.base = 0
 
     def baseline(self):
-        if self.cuda:
+        """Remember what is held now (before the model is built)."""
+        if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-        elif "not measured" not in self.method:
+        elif self.kind == "rss":
             self.base = _proc_kb("VmRSS") * 1024
 
     def reset_peak(self):
         """Forget transient peaks so far (model construction); what is resident now still counts."""
-        if not self.cuda and "not measured" not in self.method:
+        if self.kind == "rss":
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
 
     def peak_mb(self):
-        if self.cuda:
+        """Peak since baseline() in MiB, or None where it cannot be measured."""
+        if self.kind == "cuda":
             return (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
-        if "not measured" in self.method:
-            return None
-        return (_proc_kb("VmHWM") * 1024 - self.base) / 2 ** 20
+        if self.kind == "rss":
+            return (_proc_kb("VmHWM") * 1024 - self.base) / 2 ** 20
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- training
 def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup, steps, seed, memory=None):
     """Build, then time `steps` training steps after `warmup`; returns a dict of measurements."""
-    import gc
     gc.collect()
     if memory is not None:
         memory.baseline()
@@ -237,7 +243,8 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
         loss = step()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    record = {"step_s": statistics.median(times), "step_s_all": times, "loss": float(loss.detach().float().cpu()),
+    record = {"step_s": statistics.median(times), "step_s_all": times, "spread": max(times) / min(times),
+              "loss": float(loss.detach().float().cpu()),
               "trainable_params": sum(p.numel() for p in params),
               "total_params": sum(p.numel() for p in model.parameters())}
     if compiles is not None:
@@ -464,6 +471,10 @@ def markdown(records, args, total_s):
                   f"{args.batch_size} examples): one encoder pass {ev['one_pass_examples_per_s']:.1f} examples/s, "
                   f"naive per-choice forward {ev['naive_examples_per_s']:.1f} examples/s, speed-up "
                   f"{ev['speedup']:.2f}x (scores agree to {ev['max_abs_score_diff']:.1e})."]
+    noisy = [f"{r['impl']} {r['name']} ({r['spread']:.1f}x)" for r in train if r["spread"] > NOISY_SPREAD]
+    if noisy:
+        lines += ["", f"**Noisy:** the slowest timed step exceeded the fastest by more than {NOISY_SPREAD}x for "
+                  f"{', '.join(noisy)}; another process probably competed for the cores. Re-run on a quiet machine."]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for target, value, met in targets(records):
         lines.append(f"| {target} | {value} | {VERDICT[met]} |")

@@ -36,12 +36,14 @@ import sys
 import numpy as np
 import torch
 
+import data
+
 ANLI_ROUNDS = ("anli_r1", "anli_r2", "anli_r3")
 # The paper's eight held-out datasets, ANLI counted once (the mean of its rounds), in Table 1's column order.
 PAPER_DATASETS = ("anli", "cb", "rte", "wsc", "wic", "copa", "winogrande", "hellaswag")
 P3_EVAL_KEYS = ANLI_ROUNDS + PAPER_DATASETS[1:]
-COLUMN_NAMES = {"anli_r1": "ANLI R1", "anli_r2": "ANLI R2", "anli_r3": "ANLI R3", "anli": "ANLI", "cb": "CB",
-                "rte": "RTE", "wsc": "WSC", "wic": "WiC", "copa": "COPA", "winogrande": "WNG", "hellaswag": "HS"}
+# Column titles: the paper's datasets and the demo's, as data.py names them.
+COLUMN_NAMES = {**dict(data.EVAL_DATASETS), "anli": "ANLI", **dict(data.DEMO_EVAL_DATASETS)}
 # Table 1 of the paper (T5-3B), averages only (REFERENCE.md section 9). The per-dataset cells were not found in a
 # source we could check, so they are not reproduced here.
 PAPER_AVERAGES = {"T0-3B": 60.06, "(IA)3": 52.90, "LoRA r4": 57.51, "MoV-10": 59.93, "MoV-30": 60.61,
@@ -234,8 +236,8 @@ def summarize(task_accuracy):
 
 
 def _ordered(keys):
-    """Table 1's column order for the paper's datasets, then any others sorted."""
-    order = ANLI_ROUNDS + PAPER_DATASETS
+    """Table 1's column order for the paper's datasets (then the demo's), then any others sorted."""
+    order = ANLI_ROUNDS + PAPER_DATASETS + tuple(k for k, _ in data.DEMO_EVAL_DATASETS)
     return [k for k in order if k in keys] + sorted(k for k in keys if k not in order)
 
 
@@ -295,7 +297,6 @@ def evaluate(model, eval_sets, *, batch_size=16, input_length=1024, target_lengt
         raise ValueError("eval_sets is empty; pass data.load_eval(source)")
     sentence_routed = any(getattr(m, "router_input", None) == "sentence" for m in model.modules())
     if sentence_routed and sentence_embedder is None:
-        import data
         sentence_embedder = data.SentenceEmbedder()
     total = sum(len(items) for templates in eval_sets.values() for items in templates.values())
     bar = tqdm(total=total, desc="evaluate", unit="ex", dynamic_ncols=True, disable=not progress)
@@ -505,7 +506,6 @@ def load_model(args, device):
 def main(argv=None):
     """Command line entry point; returns the results dict."""
     args = parse_args(argv)
-    import data
     import train
     device = train.pick_device(args.device)
     try:

@@ -92,8 +92,8 @@ PRESETS = {
     # The paper's run: the dataclass defaults.
     "paper": {},
     # Offline demo: a tiny random T5 and synthetic tasks in P3's layout, then the held-out evaluation.
-    "demo": dict(model="tiny", data="demo", steps=300, batch_size=8, input_length=128, target_length=32,
-                 lr=1e-2, adafactor_step_offset=0, save_every=100, log_every=10, evaluate=True,
+    "demo": dict(model="tiny", data="demo", steps=1500, batch_size=8, input_length=128, target_length=32,
+                 lr=1e-2, adafactor_step_offset=0, save_every=500, log_every=50, evaluate=True,
                  eval_max_examples=40),
 }
 

@@ -113,7 +113,7 @@ def test_format_table_has_papers_columns_and_row():
     results = {**evaluate.summarize(acc), "meta": {"method": "mov", "experts": 10, "label": "mov-10"}}
     text = evaluate.format_table(results, compare="paper")
     header = text.splitlines()[0]
-    names = ["ANLI R1", "ANLI R2", "ANLI R3", "ANLI", "CB", "RTE", "WSC", "WiC", "COPA", "WNG", "HS", "Avg"]
+    names = ["ANLI R1", "ANLI R2", "ANLI R3", "ANLI", "CB", "RTE", "WSC", "WiC", "COPA", "WinoGrande", "HellaSwag", "Avg"]
     assert [c.strip() for c in header.strip("|").split("|")][1:] == names
     assert "| paper: MoV-10 |" in text and "59.93" in text and "| mov-10 | 50.00" in text
     assert "MoLORA-15" not in text
