@@ -17,7 +17,8 @@ in T5's config, no padding, loss = mean token cross-entropy, and adafactor.Adafa
 (requires_grad) parameters for every implementation:
   - step time: wall time of forward + backward + optimizer step (device synchronised), median over --steps timed
     steps after --warmup steps; throughput = batch * (input_len + target_len) / median step time; the table flags
-    a configuration whose slowest timed step took over 1.3x its fastest (another process took the cores);
+    a configuration whose slowest timed step (or evaluation round) took over 1.3x its fastest (another process
+    took the cores);
   - peak memory: on CUDA torch.cuda.max_memory_allocated growth over the memory held before the model was built;
     on CPU (and XLA's host) the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs once
     the model and optimizer exist) minus the RSS before the model was built: weights + gradients + optimizer state
@@ -27,7 +28,8 @@ in T5's config, no padding, loss = mean token cross-entropy, and adafactor.Adafa
     first two steps compile: Adafactor creates its state in the first; keep --warmup >= 2);
   - evaluation: evaluate.score_choices (one encoder pass per example, every choice decoded against it) against
     score_naive below (a full encoder + decoder forward per (example, choice) pair, as T5X's rank classification
-    does), on 4-choice items with the same padding (longest input / longest choice), in eval mode.
+    does), on 4-choice items with the same padding (longest input / longest choice), in eval mode; --batch-size
+    examples per batch for score_choices, 4x as many (example, choice) pairs per forward for the naive scorer.
 Peers (--peer): transformers.T5ForConditionalGeneration from an equivalent HF T5Config (same sizes, gated-gelu,
 untied: transformers 5 ties lm_head to the embedding whatever the config says, so the peer's lm_head gets its own
 copy here; its default attention implementation), full fine-tuning, peft IA3 (k, v, wo; feedforward wo: peft's T5
@@ -316,10 +318,11 @@ def eval_run(cfg, device, batch_size, examples, input_len, target_len, steps, se
             if i > 0:
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    spread = max(max(v) / min(v) for v in times.values())
     diff = max(float(abs(a - b).max()) for a, b in zip(scores["one_pass"], scores["naive"]))
     return {"examples": examples, "choices": NUM_CHOICES, "one_pass_s": med["one_pass"], "naive_s": med["naive"],
             "one_pass_examples_per_s": examples / med["one_pass"], "naive_examples_per_s": examples / med["naive"],
-            "speedup": med["naive"] / med["one_pass"], "max_abs_score_diff": diff}
+            "speedup": med["naive"] / med["one_pass"], "spread": spread, "max_abs_score_diff": diff}
 
 
 # ----------------------------------------------------------------------------------------------- one configuration
@@ -471,7 +474,7 @@ def markdown(records, args, total_s):
                   f"{args.batch_size} examples): one encoder pass {ev['one_pass_examples_per_s']:.1f} examples/s, "
                   f"naive per-choice forward {ev['naive_examples_per_s']:.1f} examples/s, speed-up "
                   f"{ev['speedup']:.2f}x (scores agree to {ev['max_abs_score_diff']:.1e})."]
-    noisy = [f"{r['impl']} {r['name']} ({r['spread']:.1f}x)" for r in train if r["spread"] > NOISY_SPREAD]
+    noisy = [f"{r['impl']} {r['name']} ({r['spread']:.1f}x)" for r in records if r["spread"] > NOISY_SPREAD]
     if noisy:
         lines += ["", f"**Noisy:** the slowest timed step exceeded the fastest by more than {NOISY_SPREAD}x for "
                   f"{', '.join(noisy)}; another process probably competed for the cores. Re-run on a quiet machine."]

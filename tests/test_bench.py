@@ -12,9 +12,9 @@ import bench
 
 TINY = ["--preset", "tiny", "--batch-size", "2", "--input-len", "16", "--target-len", "8", "--warmup", "1",
         "--steps", "1", "--threads", "1", "--eval-examples", "3"]
-TRAIN_FIELDS = {"kind", "impl", "name", "method", "experts", "step_s", "step_s_all", "tokens_per_s", "loss",
+TRAIN_FIELDS = {"kind", "impl", "name", "method", "experts", "step_s", "step_s_all", "spread", "tokens_per_s", "loss",
                 "trainable_params", "total_params", "peak_mem_mb", "mem_method", "wall_s"}
-EVAL_FIELDS = {"kind", "examples", "choices", "one_pass_s", "naive_s", "speedup", "max_abs_score_diff"}
+EVAL_FIELDS = {"kind", "examples", "choices", "one_pass_s", "naive_s", "speedup", "spread", "max_abs_score_diff"}
 
 
 @pytest.fixture(scope="module")
