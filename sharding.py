@@ -142,9 +142,10 @@ def apply_sharding(model, mesh, mark_sharding, table=None):
 
 # ----------------------------------------------------------------------------------------------- torch-xla
 def enable_spmd():
-    """Switch torch-xla to SPMD; must run before any XLA tensor exists in the process (else later syncs crash)."""
+    """Switch torch-xla to SPMD (once); must run before any XLA tensor exists in the process (else syncs crash)."""
     import torch_xla.runtime as xr
-    xr.use_spmd()
+    if not xr.is_spmd():
+        xr.use_spmd()
 
 
 def make_mesh(fsdp=1):

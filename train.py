@@ -463,13 +463,11 @@ def main(cfg: Config) -> dict:
     log = open(os.path.join(cfg.out, "log.jsonl"), "a")
     pending, tokens, t0, last, saved = [], 0, time.perf_counter(), None, step
 
-    def write_log():
-        """Log the pending steps: one host transfer per interval (on XLA it waits for the queued graphs)."""
-        nonlocal pending, tokens, t0, last
-        elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
-        rate, tokens = tokens / max(elapsed, 1e-9), 0
-        values = torch.stack([torch.stack([l, z]) for _, l, z, _ in pending]).float().cpu().tolist()
-        for (s, _, _, seen), (l, z) in zip(pending, values):
+    def write_log(entries, rate):
+        """Write the log lines of `entries` [(step, loss, z, examples)]: one host transfer for all of them."""
+        nonlocal last
+        values = torch.stack([torch.stack([l, z]) for _, l, z, _ in entries]).float().cpu().tolist()
+        for (s, _, _, seen), (l, z) in zip(entries, values):
             if not math.isfinite(l):
                 newest = checkpoints(cfg.out)[-1][1] if checkpoints(cfg.out) else "(none yet)"
                 raise FloatingPointError(f"loss is {l} at step {s}; stopping. The newest checkpoint, {newest}, is "
@@ -478,8 +476,24 @@ def main(cfg: Config) -> dict:
                     "examples_seen": seen}
             log.write(json.dumps(last) + "\n")
         log.flush()
-        pending = []
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate:,.0f}")
+
+    def flush_log():
+        """Log the pending steps. On XLA through a step closure: it runs once the queued graphs have executed, so
+        the loop itself never waits for the device."""
+        nonlocal pending, tokens, t0
+        elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
+        entries, rate, pending, tokens = pending, tokens / max(elapsed, 1e-9), [], 0
+        if xla:
+            import torch_xla.core.xla_model as xm
+            xm.add_step_closure(write_log, args=(entries, rate))
+        else:
+            write_log(entries, rate)
+
+    def checkpoint():
+        if xla:
+            torch_xla.sync()  # run the pending step closures (log lines and their NaN check) first
+        save_checkpoint(cfg.out, step, model, optimizer, mixture, cfg.keep)
 
     model.train()
     try:
@@ -491,14 +505,14 @@ def main(cfg: Config) -> dict:
             bar.update(1)
             pending.append((step, loss, z, mixture.stats["examples"]))
             if step % cfg.log_every == 0 or step % cfg.save_every == 0 or step == cfg.steps:
-                write_log()
+                flush_log()
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(cfg.out, step, model, optimizer, mixture, cfg.keep)
+                checkpoint()
                 saved = step
         if step != saved:  # stopped by a signal between checkpoints
             if pending:
-                write_log()
-            save_checkpoint(cfg.out, step, model, optimizer, mixture, cfg.keep)
+                flush_log()
+            checkpoint()
     finally:
         bar.close()
         log.close()

@@ -25,7 +25,7 @@ def tiny_model():
 
 def hf_twin(model):
     """transformers' T5ForConditionalGeneration holding the same weights (untied head, no output rescale)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     c = model.config
     hc = transformers.T5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff,
                                num_layers=c.num_layers, num_decoder_layers=c.num_decoder_layers,
@@ -165,7 +165,7 @@ def test_score_choices_cuda_matches_cpu():
 
 # ----------------------------------------------------------------------------------------------- command line
 def demo_items(max_examples):
-    data = pytest.importorskip("data")
+    import data
     return data.load_eval("demo", max_examples=max_examples)
 
 

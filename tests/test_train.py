@@ -155,3 +155,32 @@ def test_log_lines_report_the_examples_seen_at_their_own_step(tmp_path):
             return {r["step"]: r["examples_seen"] for r in map(json.loads, f)}
     assert seen(sparse.out) == seen(every.out)
     assert sorted(seen(every.out).values()) == list(seen(every.out).values())
+
+
+def test_sentence_routing_trains_on_minilm_embeddings(tmp_path):
+    """--router-input sentence trains with the real MiniLM embedder: routers read 384-d embeddings and change."""
+    cfg = demo_cfg(tmp_path / "sentence", router_input="sentence", experts=3, steps=2)
+    train.main(cfg)
+    tensors = load_file(os.path.join(train.checkpoints(cfg.out)[-1][1], "trainable.safetensors"))
+    routers = {n: t for n, t in tensors.items() if n.endswith("mov_router")}
+    assert routers and all(tuple(t.shape) == (384, 3) for t in routers.values())
+    torch.manual_seed(cfg.seed + 1)
+    fresh = train.build_model(cfg, torch.device("cpu"))
+    assert any(not torch.equal(routers[n], p) for n, p in fresh.named_parameters() if n in routers)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A non-finite loss at step 5 stops the run with a message; the step-3 checkpoint stays and none is added."""
+    calls = {"n": 0}
+    original = train.loss_fn
+
+    def nan_at_step_5(logits, batch, z_loss):
+        calls["n"] += 1
+        loss, ce, z = original(logits, batch, z_loss)
+        return (loss * float("nan"), ce, z) if calls["n"] == 5 else (loss, ce, z)
+    monkeypatch.setattr(train, "loss_fn", nan_at_step_5)
+    cfg = demo_cfg(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match="loss is nan at step 5"):
+        train.main(cfg)
+    assert [s for s, _ in train.checkpoints(cfg.out)] == [3]
+    assert sorted(logged_losses(cfg.out)) == [1, 2, 3, 4]
