@@ -328,6 +328,17 @@ def load_trainable(model: torch.nn.Module, path: str) -> None:
             p.copy_(saved[name])
 
 
+def truncate_log(path: str, step: int) -> None:
+    """Drop the log lines past `step` (a run killed after its last checkpoint logged steps it will redo)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 def check_same_run(cfg: Config, out: str) -> None:
     """Refuse to resume a run directory that holds another method, expert count or model."""
     path = os.path.join(out, "config.json")
@@ -359,25 +370,31 @@ def load_run(run_dir: str, step: Optional[int] = None, device="cpu") -> tuple[to
 
 
 # ----------------------------------------------------------------------------------------------- device
-def pick_device(name: str) -> torch.device:
+def device_kind(name: str) -> str:
+    """--device resolved to xla, cuda or cpu. auto: a TPU (through torch-xla), then CUDA, then the CPU."""
     if name == "auto":
         # A TPU VM exposes /dev/accel*; importing torch_xla elsewhere would cost seconds for nothing.
         tpu = os.path.exists("/dev/accel0") or os.environ.get("PJRT_DEVICE") == "TPU"
         name = "xla" if tpu else "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device; use --device cpu or auto")
-    if name == "xla":
+    return name
+
+
+def pick_device(name: str) -> torch.device:
+    kind = device_kind(name)
+    if kind == "xla":
         import torch_xla
         return torch_xla.device()
-    return torch.device(name)
+    return torch.device(kind)
 
 
 # ----------------------------------------------------------------------------------------------- main
 def main(cfg: Config) -> dict:
     # --- setup: device, run directory, resume point
-    if cfg.device == "xla" or (cfg.device == "auto" and os.path.exists("/dev/accel0")):
-        import sharding  # SPMD must be on before the first XLA tensor of the process
-        sharding.enable_spmd()
+    if device_kind(cfg.device) == "xla":
+        import sharding
+        sharding.enable_spmd()  # before the first XLA tensor of the process
     device = pick_device(cfg.device)
     xla = device.type == "xla"
     autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type != "cpu")
@@ -421,6 +438,7 @@ def main(cfg: Config) -> dict:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         with open(os.path.join(path, "state.json")) as f:
             mixture.load_state_dict(json.load(f)["data"])
+        truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
         print(f"resuming {cfg.out} from step {step}")
     else:
         torch.manual_seed(cfg.seed + 2)  # dropout stream

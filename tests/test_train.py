@@ -184,3 +184,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         train.main(cfg)
     assert [s for s, _ in train.checkpoints(cfg.out)] == [3]
     assert sorted(logged_losses(cfg.out)) == [1, 2, 3, 4]
+
+
+def test_resume_after_a_hard_kill_relogs_nothing_twice(tmp_path):
+    """Killed after logging step 5 but before its checkpoint: the resumed log holds steps 1-6 once, as uninterrupted."""
+    import shutil
+    full = demo_cfg(tmp_path / "full")
+    train.main(full)
+    part = demo_cfg(tmp_path / "part", steps=5)
+    train.main(part)
+    shutil.rmtree(dict(train.checkpoints(part.out))[5])  # as if SIGKILL struck between the log line and the rename
+    train.main(demo_cfg(tmp_path / "part"))
+    with open(os.path.join(part.out, "log.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    reference = logged_losses(full.out)
+    assert [r["loss"] for r in lines] == pytest.approx([reference[s] for s in range(1, 7)], rel=1e-6, abs=1e-7)
