@@ -488,21 +488,23 @@ def markdown(records, args, total_s):
 
 # ----------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", help="t5.T5Config preset, random weights (default small)")
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter, allow_abbrev=False)
+    p.add_argument("--preset", default="small", help="t5.T5Config preset, random weights")
     p.add_argument("--methods", default=",".join([*CONFIGS, "eval"]),
                    help=f"comma-separated configurations among {', '.join(CONFIGS)} and eval; a method name "
-                        "(mov, molora) selects all its configurations (default: all)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--target-len", type=int, default=64)
+                        "(mov, molora) selects all its configurations")
+    p.add_argument("--batch-size", type=int, default=2, help="rows per training step")
+    p.add_argument("--input-len", type=int, default=256, help="encoder tokens per row")
+    p.add_argument("--target-len", type=int, default=64, help="decoder tokens per row")
     p.add_argument("--steps", type=int, default=5, help="timed steps (evaluation: timed rounds)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (XLA compiles during these)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or xla")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda", "xla"),
+                   help="where to run; cuda when available, else cpu")
     p.add_argument("--eval-examples", type=int, default=16, help="rank-classification items for the eval timing")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batches")
     p.add_argument("--peer", action="store_true", help="also run transformers + peft (full, ia3, lora)")
     p.add_argument("--markdown", action="store_true", help="print the README table after the JSON lines")
     p.add_argument("--out", help="write the JSON lines to this file instead of stdout")
