@@ -75,19 +75,20 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)  # [b, L, d_out]
-        # b = batch, l = length ("..." = b, l), d = d_in, e = experts, r = rank, o = d_out
         if self.num_experts is None:
-            ax = torch.einsum("...d,dr->...r", x, self.lora_A.to(x.dtype))  # [b, L, r]
-            delta = torch.einsum("...r,ro->...o", ax, self.lora_B.to(ax.dtype))  # [b, L, d_out]
+            delta = (x @ self.lora_A.to(x.dtype)) @ self.lora_B.to(x.dtype)  # [b, L, r] -> [b, L, d_out]
         else:
             with _fp32(x.device):
                 probs = torch.softmax(x.float() @ self.lora_router.float(), dim=-1)  # [b, L, E]
             if self.record_routing:
                 self.last_routing = probs.detach()
-            ax = torch.einsum("...d,edr->...er", x, self.lora_A.to(x.dtype))  # [b, L, E, r]
+            # Two plain matmuls over the experts' ranks stacked (E*r columns): einsum's generic path was ~2x slower
+            # on CPU, forward + backward. A as [d_in, E*r], B as [E*r, d_out].
+            a = self.lora_A.to(x.dtype).transpose(0, 1).reshape(self.in_features, -1)  # [d_in, E*r]
+            ax = (x @ a).unflatten(-1, (self.num_experts, self.rank))  # A_e x for every expert: [b, L, E, r]
             ax = ax * probs.to(ax.dtype).unsqueeze(-1)  # weight each expert's A x by p_e: [b, L, E, r]
             # contract experts and rank together: never forms the [b, L, E, d_out] expert outputs
-            delta = torch.einsum("...er,ero->...o", ax, self.lora_B.to(ax.dtype))  # [b, L, d_out]
+            delta = ax.flatten(-2) @ self.lora_B.to(ax.dtype).reshape(-1, self.out_features)  # [b, L, d_out]
         return y + (delta * (self.alpha / self.rank)).to(y.dtype)
 
     def extra_repr(self):
