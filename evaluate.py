@@ -537,4 +537,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (OSError, ValueError) as err:  # bad input or unreachable files: the message, no traceback
+        sys.exit(f"error: {err}")

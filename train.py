@@ -560,7 +560,8 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     config, only_count = parse_args()
-    if only_count:
-        print(count_params(config))
-    else:
-        main(config)
+    try:
+        print(count_params(config)) if only_count else main(config)
+    except (OSError, ValueError) as err:  # bad input or unreachable files: the message, no traceback
+        # (FloatingPointError, a non-finite loss, is an ArithmeticError and keeps its traceback)
+        sys.exit(f"error: {err}")
