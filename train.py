@@ -562,6 +562,5 @@ if __name__ == "__main__":
     config, only_count = parse_args()
     try:
         print(count_params(config)) if only_count else main(config)
-    except (OSError, ValueError) as err:  # bad input or unreachable files: the message, no traceback
-        # (FloatingPointError, a non-finite loss, is an ArithmeticError and keeps its traceback)
+    except (OSError, ValueError, FloatingPointError) as err:  # bad input, unreachable files, a non-finite loss
         sys.exit(f"error: {err}")
