@@ -286,10 +286,23 @@ def checkpoints(out: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, mixture, keep: int) -> str:
-    """Trainable tensors, optimizer + RNG state and data position, written to a temporary directory then renamed."""
+def to_host(obj):
+    """A copy of nested dicts / lists of tensors with every tensor on the CPU (from CUDA, or gathered from XLA)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to("cpu")
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(cfg: Config, step: int, model, optimizer, mixture) -> str:
+    """Trainable tensors, optimizer + RNG state, data position and config, to a temporary directory then renamed.
+
+    Everything is gathered to the host first (on XLA, sharded tensors become whole CPU tensors)."""
     from safetensors.torch import save_file
-    root = os.path.join(out, "checkpoints")
+    root = os.path.join(cfg.out, "checkpoints")
     final, tmp = os.path.join(root, f"step_{step:08d}"), os.path.join(root, f".tmp-step_{step:08d}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -298,15 +311,15 @@ def save_checkpoint(out: str, step: int, model, optimizer, mixture, keep: int) -
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, os.path.join(tmp, "optimizer.pt"))
+    torch.save({"optimizer": to_host(optimizer.state_dict()), "rng": rng}, os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "data": mixture.state_dict()}, f)
+        json.dump({"step": step, "data": mixture.state_dict(), "config": dataclasses.asdict(cfg)}, f)
     for name in os.listdir(tmp):  # make the bytes durable before the rename publishes them
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    for _, old in checkpoints(out)[:-keep]:
+    for _, old in checkpoints(cfg.out)[:-cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -511,7 +524,7 @@ def main(cfg: Config) -> dict:
     def checkpoint():
         if xla:
             torch_xla.sync()  # run the pending step closures (log lines and their NaN check) first
-        save_checkpoint(cfg.out, step, model, optimizer, mixture, cfg.keep)
+        save_checkpoint(cfg, step, model, optimizer, mixture)
 
     model.train()
     try:

@@ -335,13 +335,13 @@ def test_remat_on_xla_trains_like_eager_cpu(xla):
 
 @pytest.mark.xla
 def test_train_script_on_a_mesh_logs_the_cpu_losses(xla, tmp_path):
-    """`train.py --device xla --fsdp 2` (demo data, MoV, fp32, no dropout) logs the losses of the same run on CPU."""
+    """`train.py --device xla --fsdp 2` (demo data, MoV, fp32, no dropout) logs the CPU run's losses, resumed too."""
     import json
 
     import train
 
-    def run(device, out):
-        cfg, _ = train.parse_args(["--preset", "demo", "--out", str(out), "--steps", "3", "--batch-size", "8",
+    def run(device, out, steps=3):
+        cfg, _ = train.parse_args(["--preset", "demo", "--out", str(out), "--steps", str(steps), "--batch-size", "8",
                                    "--input-length", "32", "--target-length", "8", "--log-every", "1",
                                    "--experts", "4", "--dropout", "0", "--dtype", "float32", "--no-evaluate",
                                    "--device", device, "--fsdp", "2"])
@@ -352,3 +352,6 @@ def test_train_script_on_a_mesh_logs_the_cpu_losses(xla, tmp_path):
     assert len(cpu) == 3
     assert tpu_like == pytest.approx(cpu, rel=1e-5, abs=1e-6)
     assert len(train.checkpoints(str(tmp_path / "xla"))) == 1  # gathered to the host and written
+    # resumed on XLA from a step-2 checkpoint, step 3 logs the uninterrupted loss
+    run("xla", tmp_path / "resumed", steps=2)
+    assert run("xla", tmp_path / "resumed") == pytest.approx(cpu, rel=1e-5, abs=1e-6)
