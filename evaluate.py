@@ -494,7 +494,7 @@ def load_model(args, device):
     if args.adapter is not None:
         path = args.adapter
         if os.path.isdir(path):
-            path = os.path.join(path, "trainable.safetensors")
+            path = os.path.join(path, train.TRAINABLE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--adapter {args.adapter}: no such safetensors file (or checkpoint directory)")
         train.load_trainable(model, path)

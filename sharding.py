@@ -10,8 +10,9 @@ applied from outside (STYLE.md): the model files import only torch, and `train.p
     sharding.apply_sharding(model, mesh, sharding.mark_sharding, table=sharding.table_for("mov"))
 
 (optionally `sharding.apply_remat(model)` first) and shards each batch with `shard_batch(batch, mesh)` (or hands
-`batch_sharding(mesh)` to torch-xla's `MpDeviceLoader(loader, device, input_sharding=...)`), never in the model. `python sharding.py --memory` prints
-the bytes per chip of every size and method for the paper's batch (REFERENCE.md sections 1, 4-6) and a mesh.
+`batch_sharding(mesh)` to torch-xla's `MpDeviceLoader(loader, device, input_sharding=...)`), never in the model.
+`python sharding.py --memory` prints the bytes per chip of every size and method for the paper's batch
+(REFERENCE.md sections 1, 4-6) and a mesh.
 
 Layout (REFERENCE.md section 1: HF names, Linear weights [out, in]):
   - Every big backbone matrix is sharded along 'fsdp' on its larger dim (vocab, d_model or d_ff; d_model >= heads *

@@ -48,11 +48,13 @@ import adafactor
 import data
 import molora
 import mov
+import sharding  # imports torch-xla only inside its XLA functions
 import t5
 
 METHODS = ("mov", "molora", "ia3", "lora", "full")
 SIZES = ("small", "base", "large", "xl", "xxl")  # presets with released LM-adapted weights on the hub
 # The fields that make a checkpoint belong to a run: another value refuses to load it.
+TRAINABLE_FILE = "trainable.safetensors"  # a checkpoint's adapter (or, for full, all) tensors
 IDENTITY = ("method", "experts", "rank", "alpha", "top_k", "router_input", "model")
 
 
@@ -282,7 +284,8 @@ def checkpoints(out: str) -> list[tuple[int, str]]:
     root = os.path.join(out, "checkpoints")
     if not os.path.isdir(root):
         return []
-    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", n))]
+    found = [(int(m.group(1)), os.path.join(root, n))
+             for n in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", n))]
     return sorted(found)
 
 
@@ -307,7 +310,7 @@ def save_checkpoint(cfg: Config, step: int, model, optimizer, mixture) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, os.path.join(tmp, "trainable.safetensors"))
+    save_file(trainable, os.path.join(tmp, TRAINABLE_FILE))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -359,7 +362,8 @@ def check_same_run(cfg: Config, out: str) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
-    diff = [f"{k}: saved {saved.get(k)!r}, asked {getattr(cfg, k)!r}" for k in IDENTITY if saved.get(k) != getattr(cfg, k)]
+    diff = [f"{k}: saved {saved.get(k)!r}, asked {getattr(cfg, k)!r}"
+            for k in IDENTITY if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise SystemExit(f"error: run directory {out} holds another run ({'; '.join(diff)}). "
                          f"Use another --out, or the saved settings to resume it.")
@@ -378,7 +382,7 @@ def load_run(run_dir: str, step: Optional[int] = None, device="cpu") -> tuple[to
     if step is not None and step not in found:
         raise FileNotFoundError(f"run directory {run_dir} has no checkpoint of step {step}; it has {sorted(found)}")
     model = build_model(cfg, torch.device(device))
-    load_trainable(model, os.path.join(found[max(found) if step is None else step], "trainable.safetensors"))
+    load_trainable(model, os.path.join(found[max(found) if step is None else step], TRAINABLE_FILE))
     return model.eval(), cfg
 
 
@@ -406,7 +410,6 @@ def pick_device(name: str) -> torch.device:
 def main(cfg: Config) -> dict:
     # --- setup: device, run directory, resume point
     if device_kind(cfg.device) == "xla":
-        import sharding
         sharding.enable_spmd()  # before the first XLA tensor of the process
     device = pick_device(cfg.device)
     xla = device.type == "xla"
@@ -420,7 +423,6 @@ def main(cfg: Config) -> dict:
     # --- model: backbone, adapters, freeze (sharded over the mesh on XLA)
     model = build_model(cfg, device if not xla else torch.device("cpu"))
     if xla:
-        import sharding
         mesh = sharding.make_mesh(cfg.fsdp)
         if cfg.remat:
             sharding.apply_remat(model)  # torch-xla's checkpoint: XLA would merge torch's back into the forward
@@ -428,7 +430,6 @@ def main(cfg: Config) -> dict:
         table = sharding.table_for(cfg.method, tie_word_embeddings=model.config.tie_word_embeddings)
         sharding.apply_sharding(model, mesh, sharding.mark_sharding, table=table)
     elif cfg.remat:
-        import sharding
         sharding.apply_remat(model, checkpoint=functools.partial(torch.utils.checkpoint.checkpoint,
                                                                  use_reentrant=True))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -443,7 +444,7 @@ def main(cfg: Config) -> dict:
     step = 0
     if resume is not None:
         step, path = resume
-        load_trainable(model, os.path.join(path, "trainable.safetensors"))
+        load_trainable(model, os.path.join(path, TRAINABLE_FILE))
         state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -574,6 +575,9 @@ def main(cfg: Config) -> dict:
 if __name__ == "__main__":
     config, only_count = parse_args()
     try:
-        print(count_params(config)) if only_count else main(config)
+        if only_count:
+            print(count_params(config))
+        else:
+            main(config)
     except (OSError, ValueError, FloatingPointError) as err:  # bad input, unreachable files, a non-finite loss
         sys.exit(f"error: {err}")
