@@ -1,19 +1,18 @@
-"""Zero-shot evaluation by rank classification on T0's held-out tasks, and the routing analysis of the paper.
+"""Zero-shot evaluation by rank classification on T0's held-out tasks.
 
 Reproduces the evaluation of Zadouri et al. 2023 ("Pushing Mixture of Experts to the Limit", arXiv 2309.05444,
-Table 1 and the expert-specialisation figure). The original runs `t5x.eval` on seqio's `t0_eval_score_eval`
-mixture (for-ai/parameter-efficient-moe `scripts/*_eval.sh`, T0's `t0_data/tasks.py`, inputs 1024 / targets 256
-tokens); REFERENCE.md section 8:
+section 3 and Table 1). The original runs `t5x.eval` on seqio's `t0_eval_score_eval` mixture
+(for-ai/parameter-efficient-moe `scripts/*_eval.sh`; bigscience-workshop/t-zero `t0/seqio_tasks/tasks.py`; T5's
+`rank_classification` in `t5/evaluation/metrics.py`), inputs 1024 / targets 256 tokens:
 
     score(choice) = sum of log p(target token) over the choice's tokens, EOS included, no length normalisation
     prediction    = argmax over the example's choices, ties to the first choice (np.argmax returns the first max)
-    accuracy per template (P3 `*_score_eval` config); a dataset's number = median over its templates;
-    ANLI = mean of R1/R2/R3; average = mean over ANLI, CB, RTE, WSC, WiC, COPA, WinoGrande, HellaSwag
+    accuracy per template (P3 `*_score_eval` config); the table is report.py's (median over templates)
 
 Usage:
-    python evaluate.py --run runs/mov --compare paper          # a train.py run: newest checkpoint, its data source
+    python evaluate.py --run runs/mov-30 --compare paper       # a train.py run: newest checkpoint, its data source
     python evaluate.py --model xl                              # the backbone alone (google/t5-xl-lm-adapt)
-    python evaluate.py --run runs/demo --routing --max-examples 20   # + routing.csv / routing.png
+    python evaluate.py --run runs/demo-mov-30 --routing        # + routing.csv / routing.png (routing.py)
 
 Differences from the original, on purpose:
   - The encoder runs once per example and every choice is decoded against that one encoding (T5X's rank
@@ -21,33 +20,24 @@ Differences from the original, on purpose:
   - Inputs and choices are padded to per-template lengths rounded up to a power of two (at most --input-length /
     --target-length, whose defaults 1024 / 256 are the original's feature lengths), so XLA compiles a handful of
     shapes; the original pads everything to 1024 / 256. Scores do not depend on padding.
-  - The median over templates is computed here (the original's eval writes per-task accuracy only).
   - Routing analysis: per-task mean routing probability over real tokens; at decoder sites over the tokens of all
     choices of an example (the model reads every choice, whatever the label), at encoder sites over input tokens.
 """
 import argparse
 import contextlib
-import csv
-import json
 import os
-import statistics
 import sys
+import types
 
 import numpy as np
 import torch
 
+import build
 import data
-
-ANLI_ROUNDS = ("anli_r1", "anli_r2", "anli_r3")
-# The paper's eight held-out datasets, ANLI counted once (the mean of its rounds), in Table 1's column order.
-PAPER_DATASETS = ("anli", "cb", "rte", "wsc", "wic", "copa", "winogrande", "hellaswag")
-P3_EVAL_KEYS = ANLI_ROUNDS + PAPER_DATASETS[1:]
-# Column titles: the paper's datasets and the demo's, as data.py names them.
-COLUMN_NAMES = {**dict(data.EVAL_DATASETS), "anli": "ANLI", **dict(data.DEMO_EVAL_DATASETS)}
-# Table 1 of the paper (T5-3B), averages only (REFERENCE.md section 9). The per-dataset cells were not found in a
-# source we could check, so they are not reproduced here.
-PAPER_AVERAGES = {"T0-3B": 60.06, "(IA)3": 52.90, "LoRA r4": 57.51, "MoV-10": 59.93, "MoV-30": 60.61,
-                  "MoLORA-15": 60.79}
+import report
+import routing as routing_analysis
+import rundir
+from report import format_table, summarize  # noqa: F401  (part of this module's interface)
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -77,46 +67,6 @@ def _pad_batch(inputs, choices, rows, input_length, target_length, num_choices):
     return ids, enc_mask, dec_in, targets, tok_mask
 
 
-def _routing_layers(model, sites):
-    """The modules named by `sites` that record routing (mov.py / molora.py set `record_routing`)."""
-    layers = {}
-    for name in sites:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
-        if module is None or not hasattr(module, "record_routing"):
-            routed = [n for n, m in model.named_modules() if getattr(m, "num_experts", None) is not None
-                      and hasattr(m, "record_routing")]
-            raise ValueError(f"routing site {name!r} is not a routed MoV/MoLORA layer of this model; routed layers "
-                             f"are {routed[:4]}{' ...' if len(routed) > 4 else ''} ({len(routed)} in all)")
-        layers[name] = module
-    return layers
-
-
-def _routing_sums(name, probs, enc_mask, tok_mask, rows, num_choices):
-    """A site's routing probabilities summed over its real tokens per example: (sums [B, E], token counts [B]).
-
-    Encoder sites cover the input tokens; decoder cross-attention K/V (projected from the encoder output) the input
-    tokens once per real choice; other decoder sites the choice tokens. probs: [B or B*C, len, (H,) E].
-    """
-    if probs is None:
-        raise ValueError(f"routing site {name!r} recorded nothing: it has no router ((IA)3 / LoRA)")
-    probs = probs.float()
-    if probs.dim() == 4:  # attention sites route per head: [rows, len, H, E] -> mean over heads
-        probs = probs.mean(2)
-    if name.startswith("encoder."):
-        mask = enc_mask  # [B, L]
-    elif ".EncDecAttention." in name:
-        real_choice = (tok_mask.sum(-1, keepdim=True) > 0).float()  # [B*C, 1]
-        mask = enc_mask.repeat_interleave(num_choices, 0) * real_choice  # [B*C, L]
-    else:
-        mask = tok_mask  # [B*C, T]
-    sums, counts = (probs * mask.unsqueeze(-1)).sum(1), mask.sum(1)  # [rows, E], [rows]
-    # [B*C, ...] -> [B, ...]: all choices of an example together (a no-op for encoder sites)
-    return sums.view(rows, -1, sums.shape[-1]).sum(1), counts.view(rows, -1).sum(1)
-
-
 def score_and_route(model, inputs, choices, batch_size=16, input_length=None, target_length=None, device=None,
                     sentence_embeddings=None, routing_sites=(), progress=None):
     """score_choices, plus the routing of `routing_sites`: {site: (sums [n, E], token counts [n])} per example.
@@ -143,7 +93,7 @@ def score_and_route(model, inputs, choices, batch_size=16, input_length=None, ta
         emb = torch.as_tensor(np.asarray(sentence_embeddings), dtype=torch.float32)  # [n, D]
         if emb.shape[0] != n:
             raise ValueError(f"sentence_embeddings has {emb.shape[0]} rows for {n} examples; give one per example")
-    layers = _routing_layers(model, routing_sites)
+    layers = routing_analysis.routed_layers(model, routing_sites)
     was_training, recording = model.training, {name: m.record_routing for name, m in layers.items()}
     model.eval()
     for m in layers.values():
@@ -172,7 +122,7 @@ def score_and_route(model, inputs, choices, batch_size=16, input_length=None, ta
                 logits = logits.float()  # [B*C, T, V]; log-softmax in fp32 whatever the compute dtype
                 token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [B*C, T]
                 scores = (token_logp * tok_mask).sum(-1).view(batch_size, num_choices)  # [B, C]
-                routed = {name: _routing_sums(name, enc_routing.get(name, m.last_routing), enc_mask.float(),
+                routed = {name: routing_analysis.token_sums(name, enc_routing.get(name, m.last_routing), enc_mask.float(),
                                               tok_mask, batch_size, num_choices) for name, m in layers.items()}
             if xla:
                 import torch_xla
@@ -213,69 +163,6 @@ def predict(scores):
     return int(np.argmax(scores))
 
 
-# ----------------------------------------------------------------------------------------------- aggregation
-def summarize(task_accuracy):
-    """Per-dataset medians over templates, ANLI, and the average, from {dataset: {template: accuracy %}}.
-
-    Returns {"datasets": {dataset: median}, "columns": {column: value}, "average": mean of the columns,
-    "average_over": [columns]}. Columns are ANLI (the mean of whichever rounds are present) and every other
-    dataset; when all of P3's keys are present the average is the paper's 8-dataset average.
-    """
-    datasets = {}
-    for name, templates in task_accuracy.items():
-        if not templates:
-            raise ValueError(f"dataset {name!r} has no templates; remove it or give it at least one")
-        datasets[name] = float(statistics.median(templates.values()))
-    columns = {}
-    rounds = [datasets[r] for r in ANLI_ROUNDS if r in datasets]
-    if rounds:
-        columns["anli"] = float(np.mean(rounds))
-    columns.update({k: v for k, v in datasets.items() if k not in ANLI_ROUNDS})
-    average = float(np.mean(list(columns.values())))
-    return {"datasets": datasets, "columns": columns, "average": average, "average_over": list(columns)}
-
-
-def _ordered(keys):
-    """Table 1's column order for the paper's datasets (then the demo's), then any others sorted."""
-    order = ANLI_ROUNDS + PAPER_DATASETS + tuple(k for k, _ in data.DEMO_EVAL_DATASETS)
-    return [k for k in order if k in keys] + sorted(k for k in keys if k not in order)
-
-
-def paper_row(meta):
-    """The Table 1 row of the same method (from meta: method, experts, rank), or None."""
-    method, experts, rank = meta.get("method"), meta.get("experts"), meta.get("rank")
-    name = {"full": "T0-3B", "ia3": "(IA)3", "lora": f"LoRA r{rank}", "mov": f"MoV-{experts}",
-            "molora": f"MoLORA-{experts}"}.get(method)
-    return name if name in PAPER_AVERAGES else None
-
-
-def format_table(results, compare=None):
-    """A Markdown table of `results` (from evaluate): one row for us, and with compare="paper" the Table 1 row of
-    the same method (every Table 1 row when the method has none), or compare=<row name> that row."""
-    if compare not in (None, "paper") and compare not in PAPER_AVERAGES:
-        raise ValueError(f"compare must be None, 'paper' or one of {list(PAPER_AVERAGES)}, got {compare!r}")
-    keys = _ordered(set(results["datasets"]) | set(results["columns"]))
-    head = [COLUMN_NAMES.get(k, k) for k in keys] + ["Avg"]
-    values = {**results["datasets"], **results["columns"]}
-    label = results.get("meta", {}).get("label", "ours")
-    lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|",
-             f"| {label} | " + " | ".join(f"{values[k]:.2f}" for k in keys) + f" | {results['average']:.2f} |"]
-    notes = []
-    if compare is not None:
-        rows = [compare] if compare != "paper" else [paper_row(results.get("meta", {}))]
-        rows = list(PAPER_AVERAGES) if rows == [None] else rows
-        for row in rows:
-            lines.append(f"| paper: {row} | " + " | ".join("-" for _ in keys) + f" | {PAPER_AVERAGES[row]:.2f} |")
-        notes.append("Paper rows: Table 1 of arXiv 2309.05444 (T5-3B), averages only; its per-dataset cells are "
-                     "not reproduced (REFERENCE.md section 9).")
-    missing = [k for k in PAPER_DATASETS if k not in results["columns"]]
-    if missing and set(PAPER_DATASETS) & set(results["columns"]):
-        notes.append(f"Average over {len(results['columns'])} columns; missing from the paper's eight: {missing}.")
-    notes.append("Accuracy in %, median over templates" + ("; ANLI = mean of R1-R3" if "anli" in results["columns"]
-                  else "") + f"; Avg = mean over {', '.join(COLUMN_NAMES.get(k, k) for k in results['average_over'])}.")
-    return "\n".join(lines + [""] + notes)
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 def _bucket(n, cap):
     """Smallest power of two >= n (at least 8), capped: few distinct shapes, so XLA compiles few graphs."""
@@ -283,7 +170,8 @@ def _bucket(n, cap):
 
 
 def evaluate(model, eval_sets, *, batch_size=16, input_length=1024, target_length=256, device=None,
-             sentence_embedder=None, routing_sites=(), out_dir=None, meta=None, compare=None, progress=True):
+             sentence_embedder=None, routing_sites=(), out_dir=None, meta=None, compare=None, progress=True,
+             name="eval"):
     """Rank-classification accuracy of `model` on `eval_sets` ({dataset: {template: [items]}}, data.load_eval).
 
     Returns {"tasks": {dataset: {template: {"accuracy": %, "examples": n}}}, "datasets", "columns", "average",
@@ -344,67 +232,10 @@ def evaluate(model, eval_sets, *, batch_size=16, input_length=1024, target_lengt
         results["routing_tokens"] = {site: {d: {t: r["tokens"] for t, r in ts.items()} for d, ts in per.items()}
                                      for site, per in routing.items()}
     if out_dir is not None:
-        write_outputs(results, out_dir, compare)
+        report.write_outputs(results, out_dir, compare, name)
+        if routing_sites:
+            routing_analysis.write_routing(results, out_dir)
     return results
-
-
-def write_outputs(results, out_dir, compare=None):
-    """eval.json, eval.md (summary table and per-template accuracies), and routing.csv / routing.png."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    lines = ["# Held-out evaluation (rank classification)", "", format_table(results, compare), "",
-             "## Per template", "", "| dataset | template | examples | accuracy |", "|---|---|---|---|"]
-    for dataset in _ordered(results["tasks"]):
-        for template, r in sorted(results["tasks"][dataset].items()):
-            lines.append(f"| {dataset} | {template} | {r['examples']} | {r['accuracy']:.2f} |")
-    with open(os.path.join(out_dir, "eval.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    if "routing" in results:
-        write_routing(results, out_dir)
-
-
-def write_routing(results, out_dir):
-    """routing.csv (site, dataset, template, tokens, expert_0..) with a template '*' row per dataset (token-weighted
-    over its templates), and routing.png: one heatmap per site, datasets x experts."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    sites = list(results["routing"])
-    per_dataset = {}
-    with open(os.path.join(out_dir, "routing.csv"), "w", newline="") as f:
-        writer = None
-        for site in sites:
-            for dataset in _ordered(results["routing"][site]):
-                probs = results["routing"][site][dataset]
-                tokens = results["routing_tokens"][site][dataset]
-                if writer is None:
-                    num_experts = len(next(iter(probs.values())))
-                    writer = csv.writer(f)
-                    writer.writerow(["site", "dataset", "template", "tokens"] +
-                                    [f"expert_{e}" for e in range(num_experts)])
-                for template in sorted(probs):
-                    writer.writerow([site, dataset, template, int(tokens[template])] +
-                                    [f"{p:.6f}" for p in probs[template]])
-                weight = np.array([tokens[t] for t in probs])
-                mean = (np.array([probs[t] for t in probs]) * weight[:, None]).sum(0) / max(weight.sum(), 1.0)
-                per_dataset.setdefault(site, {})[dataset] = mean
-                writer.writerow([site, dataset, "*", int(weight.sum())] + [f"{p:.6f}" for p in mean])
-    num_experts = len(next(iter(per_dataset[sites[0]].values())))
-    fig, axes = plt.subplots(len(sites), 1, squeeze=False,
-                             figsize=(3.5 + 0.4 * num_experts, sum(1.2 + 0.3 * len(per_dataset[s]) for s in sites)))
-    for ax, site in zip(axes[:, 0], sites):
-        names = list(per_dataset[site])
-        grid = np.stack([per_dataset[site][d] for d in names])  # [datasets, E]
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0)
-        ax.set_yticks(range(len(names)), [COLUMN_NAMES.get(d, d) for d in names])
-        ax.set_xticks(range(grid.shape[1]))
-        ax.set_xlabel("expert")
-        ax.set_title(site, fontsize=8)
-        fig.colorbar(image, ax=ax).set_label("mean routing prob.", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "routing.png"), dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -415,8 +246,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if "(default" in action.help else super()._get_help_string(action)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=_Help)
+def add_model_flags(p):
+    """The flags that pick a model (--run, or --model [--adapter] with its settings) and the device: shared by
+    evaluate.py and generate.py; load_model reads them, check_model_flags checks them."""
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="a train.py run directory: its base model with the adapters of its newest "
                        "checkpoint (or --step) (default: none; give --run or --model)")
@@ -436,6 +268,28 @@ def parse_args(argv=None):
     p.add_argument("--router-input", default="token", choices=("token", "sentence"),
                    help="with --adapter: what the mov router reads")
     p.add_argument("--seed", type=int, default=0, help="seed of --model tiny's random weights")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "xla"),
+                   help="auto: TPU through torch-xla, then CUDA, then CPU")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="activations: auto = bf16 autocast on accelerators, fp32 on CPU (scores always in fp32)")
+
+
+def check_model_flags(p, args):
+    """argparse errors for model flags that do not go together."""
+    if args.run is None and args.step is not None:
+        p.error("--step needs --run")
+    if args.model is None and args.adapter is not None:
+        p.error("--adapter needs --model (a run directory already holds its adapters)")
+    for name in ("experts", "rank"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.run is not None and not os.path.isdir(args.run):
+        p.error(f"--run {args.run}: no such directory; pass the --out of a train.py run")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=_Help)
+    add_model_flags(p)
     p.add_argument("--data", default=None, help="bigscience/P3 (hub), a local P3-layout directory, or demo "
                    "(default: the run's data source with --run, else bigscience/P3)")
     p.add_argument("--datasets", default=None, help="comma-separated dataset keys to evaluate (default: all; "
@@ -447,10 +301,6 @@ def parse_args(argv=None):
                    "tokens")
     p.add_argument("--target-length", type=int, default=256, help="longest choice; longer ones keep their first "
                    "tokens")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "xla"),
-                   help="auto: TPU through torch-xla, then CUDA, then CPU")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="activations: auto = bf16 autocast on accelerators, fp32 on CPU (scores always in fp32)")
     p.add_argument("--out", default=None, help="where eval.json / eval.md go (default: the run directory with "
                    "--run, else runs/eval_<model>)")
     p.add_argument("--compare", default=None, choices=("paper",), help="add the paper's Table 1 row of the same "
@@ -461,16 +311,11 @@ def parse_args(argv=None):
                    "(default: the last decoder block's FFN activation, decoder.block.<last>.layer.2."
                    "DenseReluDense.act)")
     args = p.parse_args(argv)
-    if args.run is None and args.step is not None:
-        p.error("--step needs --run")
-    if args.model is None and args.adapter is not None:
-        p.error("--adapter needs --model (a run directory already holds its adapters)")
-    for name in ("batch_size", "input_length", "target_length", "max_examples", "experts", "rank"):
+    check_model_flags(p, args)
+    for name in ("batch_size", "input_length", "target_length", "max_examples"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.run is not None and not os.path.isdir(args.run):
-        p.error(f"--run {args.run}: no such directory; pass the --out of a train.py run")
     if args.routing_sites is not None and not args.routing:
         p.error("--routing-sites needs --routing")
     return args
@@ -478,26 +323,23 @@ def parse_args(argv=None):
 
 def load_model(args, device):
     """(model, meta) for --run or --model [--adapter]; meta holds method, experts, rank, model, data, label."""
-    import train
     if args.run is not None:
-        model, cfg = train.load_run(args.run, step=args.step, device=device)
+        model, cfg, step = rundir.load_run(args.run, step=args.step, device=device)
         meta = {k: getattr(cfg, k) for k in ("method", "experts", "rank", "model", "data", "router_input")}
-        step = args.step if args.step is not None else max(s for s, _ in train.checkpoints(args.run))
-        name = train.run_name(cfg.method, cfg.experts)
-        return model, {**meta, "step": step, "label": f"{name} step {step}"}
-    # the backbone alone is built as train.py's "full" (no adapters) and labelled "none": it has no Table 1 row
-    build = args.method if args.adapter is not None else "full"
+        return model, {**meta, "step": step, "label": f"{build.run_name(cfg.method, cfg.experts)} step {step}"}
+    # the backbone alone is built as "full" (no adapters) and labelled "none": it has no Table 1 row
     method = args.method if args.adapter is not None else "none"
-    cfg = train.Config(method=build, experts=args.experts, rank=args.rank, alpha=args.alpha, top_k=args.top_k,
-                       router_input=args.router_input, model=args.model, seed=args.seed, dropout=0.0)
-    model = train.build_model(cfg, torch.device("cpu"))
+    settings = types.SimpleNamespace(method=args.method if args.adapter is not None else "full",
+                                     experts=args.experts, rank=args.rank, alpha=args.alpha, top_k=args.top_k,
+                                     router_input=args.router_input, model=args.model, seed=args.seed, dropout=0.0)
+    model = build.build_model(settings, torch.device("cpu"))
     if args.adapter is not None:
         path = args.adapter
         if os.path.isdir(path):
-            path = os.path.join(path, train.TRAINABLE_FILE)
+            path = os.path.join(path, rundir.TRAINABLE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--adapter {args.adapter}: no such safetensors file (or checkpoint directory)")
-        train.load_trainable(model, path)
+        rundir.load_trainable(model, path)
     label = args.model if args.adapter is None else f"{args.model} + {os.path.basename(args.adapter)}"
     return model.to(device).eval(), {"method": method, "experts": args.experts, "rank": args.rank,
                                      "model": args.model, "data": None, "label": label}
@@ -506,38 +348,34 @@ def load_model(args, device):
 def main(argv=None):
     """Command line entry point; returns the results dict."""
     args = parse_args(argv)
-    import train
-    device = train.pick_device(args.device)
-    try:
-        model, meta = load_model(args, device)
-    except FileNotFoundError as e:  # no run / checkpoint / adapter file: the message says which
-        raise SystemExit(f"error: {e}") from e
-    source = args.data or meta.get("data") or "bigscience/P3"
+    device = build.resolve_device(args.device)
+    model, meta = load_model(args, device)
+    source = args.data or meta.get("data") or data.P3_HUB
     wanted = args.datasets.split(",") if args.datasets else None
     sets = data.load_eval(source, datasets=wanted, max_examples=args.max_examples)
-    expected = wanted or (list(P3_EVAL_KEYS) if source == "bigscience/P3" else [])
+    expected = wanted or (list(report.P3_EVAL_KEYS) if source == data.P3_HUB else [])
     absent = [k for k in expected if not sets.get(k)]
-    if absent:
-        raise SystemExit(f"error: {source} has no evaluation tasks for {absent}; it has {sorted(sets)}. "
-                         "Pass --datasets with the ones to evaluate.")
+    if absent or not sets:
+        raise ValueError(f"--data {source} has no evaluation tasks for {absent or 'any dataset'}; it has "
+                         f"{sorted(sets) or 'none'}. Pass --datasets with the ones to evaluate, or a --data that "
+                         "holds the held-out *_score_eval configs")
     sites = ()
     if args.routing:
-        last = len(model.decoder.block) - 1
-        sites = tuple(args.routing_sites.split(",")) if args.routing_sites else \
-            (f"decoder.block.{last}.layer.2.DenseReluDense.act",)
-    autocast = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type != "cpu")
+        sites = tuple(args.routing_sites.split(",")) if args.routing_sites else routing_analysis.default_sites(model)
+    autocast = build.autocast_enabled(args.dtype, device)
     out = args.out or args.run or os.path.join("runs", "eval_" + os.path.basename(os.path.normpath(args.model)))
+    name = report.output_name(args.max_examples)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         results = evaluate(model, sets, batch_size=args.batch_size, input_length=args.input_length,
-                           target_length=args.target_length, device=device,
-                           routing_sites=sites, out_dir=out, meta={**meta, "data": source}, compare=args.compare)
+                           target_length=args.target_length, device=device, routing_sites=sites, out_dir=out,
+                           meta={**meta, "data": source}, compare=args.compare, name=name)
     print(format_table(results, args.compare))
-    print(f"wrote {os.path.join(out, 'eval.json')} and eval.md" + (" and routing.csv / routing.png" if sites else ""))
+    print(f"wrote {os.path.join(out, name)}.json and {name}.md" + (" and routing.csv / routing.png" if sites else ""))
     return results
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (OSError, ValueError) as err:  # bad input or unreachable files: the message, no traceback
+    except (OSError, ValueError) as err:  # bad input, unreachable or damaged files: the message, no traceback
         sys.exit(f"error: {err}")

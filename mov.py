@@ -1,8 +1,8 @@
 """MoV: a mixture of (IA)3 vectors, and (IA)3 itself, added to a frozen model from outside.
 
 Zadouri et al. 2023, "Pushing Mixture of Experts to the Limit" (arXiv 2309.05444), section 2; the original code is
-for-ai/parameter-efficient-moe `src/mov.py`, `src/ia3.py`, `src/routing.py`, `configs/{mov,ia3}.gin`
-(REFERENCE.md section 2). For every rescaled activation h:
+for-ai/parameter-efficient-moe `src/mov.py`, `src/ia3.py`, `src/routing.py`, `configs/{mov,ia3}.gin`.
+This file imports only torch: copy it into another project as it is. For every rescaled activation h:
 
     p  = softmax(h @ W_r)          router kernel W_r [d, E], N(0, 0.02), no bias; logits and softmax in float32
     s  = sum_e p_e * v_e           expert vectors v_e start at ones, so the model is unchanged at step 0
@@ -15,7 +15,7 @@ Sites (the original's `k_conv`, `v_conv` and `intermediate_conv` slots):
 The router reads the activation it rescales. No noise, temperature or auxiliary loss; padding is routed like text.
 
 Usage:
-    model = mov.add_mov(t5_model, num_experts=10)       # wraps k, v and act in place; freezes all else
+    model = mov.add_mov(t5_model, num_experts=10)       # wraps k, v and act in place; freezes the base weights
     optimizer = Adafactor([p for p in model.parameters() if p.requires_grad])
     logits = model(input_ids, decoder_input_ids)
 
@@ -29,6 +29,10 @@ Options beyond the released config (both are ablations in the paper):
 Shapes follow the original: (IA)3's attention vector is [H, d_kv] (`IA3Attention`), its FFN vector [d_ff], so
 MoV with one expert equals (IA)3. Parameter names: `mov_router` ([d, E], the original's `router/.../kernel`),
 `mov_experts` (the original's `mov_scaling`), `ia3_scale` (`ia3_scaling`); `is_adapter_param` recognises them.
+Freezing: `add_mov(..., freeze_base=True)` (the default) freezes the base model's weights and only those: a
+parameter that its module lists in `adapter_param_names` (this file's layers, molora.py's) keeps its state, so
+adapters stack (`add_lora` then `add_mov`, or the reverse, leaves both trainable). `freeze_base(model)` does the
+same alone. A target that is itself a wrapped layer (anything with `out_features`) is wrapped as a whole.
 Deliberate deviations from the original:
   - Expert mixing runs in float32 and the rescale multiplies in the activation's dtype (the original's MoV kept
     dtype float32 and let JAX promote the product to float32). Restore it by running the model in float32.
@@ -71,6 +75,16 @@ def route(x, kernel, top_k=None, renormalize=False):
     return probs
 
 
+def freeze_base(model):
+    """requires_grad=False for every parameter no adapter layer claims (its module's `adapter_param_names`)."""
+    for module in model.modules():
+        claimed = getattr(module, "adapter_param_names", ())
+        for name, p in module.named_parameters(recurse=False):
+            if name not in claimed:
+                p.requires_grad_(False)
+    return model
+
+
 class _Rescale(nn.Module):
     """The rescaling shared by both sites: (IA)3 when num_experts is None, MoV otherwise.
 
@@ -78,6 +92,8 @@ class _Rescale(nn.Module):
     vectors [H, E, d]). Set `record_routing = True` to keep the last probabilities in `last_routing`
     ([..., (H,) E], detached) for analysis.
     """
+
+    adapter_param_names = ("mov_router", "mov_experts", "ia3_scale")
 
     def __init__(self, dim, heads, num_experts, top_k, renormalize, router_input, sentence_dim, device):
         super().__init__()
@@ -143,18 +159,23 @@ class _Rescale(nn.Module):
 
 
 class MoVLinear(_Rescale):
-    """A key/value projection followed by per-head MoV (or (IA)3); owns the wrapped Linear's `weight` and `bias`."""
+    """A key/value projection followed by per-head MoV (or (IA)3). It owns a wrapped nn.Linear's `weight` and
+    `bias` (so `...k.weight` keeps its name); another wrapper (e.g. a LoRA layer) is kept whole as `base`."""
 
     def __init__(self, linear, num_heads, num_experts=None, top_k=None, renormalize=False, router_input="token",
                  sentence_dim=None):
+        device = next(linear.parameters()).device
         super().__init__(linear.out_features // num_heads, num_heads, num_experts, top_k, renormalize,
-                         router_input, sentence_dim, linear.weight.device)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight  # the same Parameter object: `...k.weight` keeps its name
-        self.register_parameter("bias", linear.bias)
+                         router_input, sentence_dim, device)
+        self.in_features, self.out_features = getattr(linear, "in_features", None), linear.out_features
+        if isinstance(linear, nn.Linear):
+            self.weight = linear.weight  # the same Parameter object
+            self.register_parameter("bias", linear.bias)
+        else:
+            self.base = linear
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)  # [b, L, H*d]
+        y = F.linear(x, self.weight, self.bias) if hasattr(self, "weight") else self.base(x)  # [b, L, H*d]
         h = y.unflatten(-1, (self.heads, self.dim))  # [b, L, H, d]
         return self.rescale(h).flatten(-2)  # [b, L, H*d]
 
@@ -192,8 +213,9 @@ def sentence_routing(model, embeddings):
 
 def add_mov(model, num_experts, top_k=None, renormalize=False, router_input="token", sentence_dim=None,
             attention_targets=ATTENTION_TARGETS, ffn_targets=FFN_TARGETS, num_heads=None, head_dim=None,
-            ffn_dim=None):
-    """Wrap the attention key/value projections and FFN activations of `model` with MoV; freeze all else.
+            ffn_dim=None, freeze_base=True):
+    """Wrap the attention key/value projections and FFN activations of `model` with MoV; the new parameters are
+    trainable, and with freeze_base the base model's weights are frozen (see `freeze_base`).
 
     Targets match a module whose dotted name equals the target or ends with "." + target. Attention sites must be
     nn.Linear; heads come from num_heads / head_dim or model.config.num_heads / d_kv. The FFN width comes from
@@ -209,17 +231,18 @@ def add_mov(model, num_experts, top_k=None, renormalize=False, router_input="tok
         raise ValueError(f"router_input='sentence' needs sentence_dim= (the embedding size), got {sentence_dim!r}")
     site = dict(num_experts=num_experts, top_k=top_k, renormalize=renormalize, router_input=router_input,
                 sentence_dim=sentence_dim)
-    return _inject(model, site, attention_targets, ffn_targets, num_heads, head_dim, ffn_dim)
+    return _inject(model, site, attention_targets, ffn_targets, num_heads, head_dim, ffn_dim, freeze_base)
 
 
 def add_ia3(model, attention_targets=ATTENTION_TARGETS, ffn_targets=FFN_TARGETS, num_heads=None, head_dim=None,
-            ffn_dim=None):
-    """Wrap the same sites as add_mov with one (IA)3 vector each (ones, no router); freeze all else."""
-    return _inject(model, dict(num_experts=None), attention_targets, ffn_targets, num_heads, head_dim, ffn_dim)
+            ffn_dim=None, freeze_base=True):
+    """Wrap the same sites as add_mov with one (IA)3 vector each (ones, no router); as add_mov for freezing."""
+    return _inject(model, dict(num_experts=None), attention_targets, ffn_targets, num_heads, head_dim, ffn_dim,
+                   freeze_base)
 
 
-def _inject(model, site, attention_targets, ffn_targets, num_heads, head_dim, ffn_dim):
-    """Replace every matched module by its wrapper (setattr on the parent), then set requires_grad by name."""
+def _inject(model, site, attention_targets, ffn_targets, num_heads, head_dim, ffn_dim, freeze):
+    """Replace every matched module by its wrapper (setattr on the parent); new parameters train, base ones freeze."""
     if any(is_adapter_param(n) for n, _ in model.named_parameters()):
         raise ValueError("the model already has MoV/(IA)3 parameters; apply add_mov/add_ia3 once, to a fresh model")
     attention_targets, ffn_targets = _names(attention_targets), _names(ffn_targets)
@@ -249,8 +272,11 @@ def _inject(model, site, attention_targets, ffn_targets, num_heads, head_dim, ff
     if missing:
         raise ValueError(f"targets {missing} matched no module of {type(model).__name__}; pass attention_targets= / "
                          "ffn_targets= with this model's module names (see model.named_modules())")
+    if freeze:
+        freeze_base(model)
     for n, p in model.named_parameters():
-        p.requires_grad_(is_adapter_param(n))
+        if is_adapter_param(n):
+            p.requires_grad_(True)
     return model
 
 
@@ -261,8 +287,9 @@ def _names(targets):
 
 def _heads_of(name, module, heads, d_kv):
     """Number of heads of the projection `module`, checking heads * d_kv == out_features."""
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"attention target {name} is a {type(module).__name__}, expected nn.Linear")
+    if not isinstance(getattr(module, "out_features", None), int):
+        raise ValueError(f"attention target {name} is a {type(module).__name__}, expected nn.Linear (or a wrapper "
+                         "with out_features)")
     out = module.out_features
     if heads is None and d_kv is None:
         raise ValueError(f"cannot tell the heads of {name}: the model has no config.num_heads / config.d_kv; "

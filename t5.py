@@ -1,4 +1,4 @@
-"""T5 encoder-decoder in plain PyTorch: the frozen backbone that MoV / MoLORA adapt (REFERENCE section 1).
+"""T5 encoder-decoder in plain PyTorch: the frozen backbone that MoV / MoLORA adapt.
 
 Reproduces T5 (Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
 Transformer") in both families: v1.1 / LM-adapted (gated-GELU FFN, untied lm_head; LM adaptation: Lester et al.
@@ -11,7 +11,7 @@ T5's quirks, kept on purpose:
     (bidirectional buckets in the encoder, causal buckets in the decoder, none in cross-attention);
   - RMSNorm without mean or bias, variance in fp32; pre-norm residual blocks; no biases anywhere;
   - tied embeddings (original T5) rescale the decoder output by d_model**-0.5 before the head; untied (v1.1) do not.
-Packed rows (seqio, REFERENCE section 7) are supported through segment ids: no attention crosses examples.
+Packed rows (seqio's `EncDecFeatureConverter`) are supported through segment ids: no attention crosses examples.
 
 Usage:
     model = T5.from_pretrained("google/t5-xl-lm-adapt", dtype=torch.float32)   # or a local HF-layout directory
@@ -23,12 +23,11 @@ from_pretrained(dtype=bf16) casts every tensor, including `wo` (HF keeps `wo` in
 and autocast to get that); no fp16 inf-clamping (use bf16); generate() re-runs the full-length decoder at each
 step instead of a KV cache (same tokens, fixed shapes, O(n^2) work).
 """
+import contextlib
 import dataclasses
 import json
 import math
 import os
-import re
-import zipfile
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +53,13 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+    dropout_mask: str = "broadcast"  # "broadcast": T5X's masks, shared along the length | "elementwise": HF's
 
     def __post_init__(self):
         if self.feed_forward_proj not in ("gated-gelu", "relu"):
             raise ValueError(f"feed_forward_proj must be 'gated-gelu' or 'relu', got {self.feed_forward_proj!r}")
+        if self.dropout_mask not in ("broadcast", "elementwise"):
+            raise ValueError(f"dropout_mask must be 'broadcast' or 'elementwise', got {self.dropout_mask!r}")
 
     @classmethod
     def preset(cls, name):
@@ -81,7 +83,10 @@ class T5Config:
         if not isinstance(d, dict):
             path = os.path.join(d, "config.json") if os.path.isdir(d) else d
             with open(path) as f:
-                d = json.load(f)
+                try:
+                    d = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} is not valid JSON ({e}); download the model's config.json again") from e
         if d.get("model_type", "t5") not in ("t5", "mt5"):
             raise ValueError(f"config model_type is {d['model_type']!r}; this file implements T5 only")
         tie = d.get("tie_word_embeddings", True)  # HF's default when the key is absent
@@ -99,7 +104,7 @@ def _lm_adapt(d_model, d_ff, layers, heads):
     return T5Config(32128, d_model, 64, d_ff, layers, layers, heads)
 
 
-_PRESETS = {  # REFERENCE section 1 table (T5 v1.1 LM-adapted shapes)
+_PRESETS = {  # T5 v1.1 LM-adapted shapes (the google/t5-<size>-lm-adapt config.json files)
     "tiny": T5Config(512, 64, 16, 128, 2, 2, 4),
     "small": _lm_adapt(512, 1024, 8, 6),
     "base": _lm_adapt(768, 2048, 12, 12),
@@ -151,8 +156,44 @@ def allowed_pairs(q_len, k_len, q_segments, k_segments, k_mask, causal, device):
 
 
 def _additive(ok):
-    # large finite negative (not -inf): a fully masked padding row then gets a uniform softmax instead of NaN
-    return torch.where(ok, 0.0, torch.finfo(torch.float32).min)
+    # large finite negative (not -inf), so a fully masked padding row gets a finite softmax instead of NaN; half of
+    # bf16's (and fp32's) range, so it stays finite in bf16 and after any kernel's sums or log2(e) scaling
+    return torch.where(ok, 0.0, torch.finfo(torch.bfloat16).min / 2)
+
+
+class BroadcastDropout(nn.Dropout):
+    """Dropout with one mask shared along `broadcast_dim` (size 1 there), scaled by 1/(1-p); identity in eval or at
+    p = 0. flax.linen.Dropout(broadcast_dims=(broadcast_dim,)), as T5X trains T5 (see `_dropout`)."""
+
+    def __init__(self, p, broadcast_dim=-2):
+        super().__init__(p)
+        self.broadcast_dim = broadcast_dim
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        shape = list(x.shape)
+        shape[self.broadcast_dim] = 1
+        keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep * (1 / (1 - self.p))
+
+    def extra_repr(self):
+        return f"p={self.p}, broadcast_dim={self.broadcast_dim}"
+
+
+def _dropout(cfg, broadcast_dim=-2):
+    """T5X (`t5_1_1_flaxformer.gin`: DROPOUT_FACTORY = linen.Dropout(broadcast_dims=(-2,))) shares each hidden-state
+    mask [b, L, features] along the length; "elementwise" draws independent masks, as transformers does."""
+    if cfg.dropout_mask == "broadcast":
+        return BroadcastDropout(cfg.dropout_rate, broadcast_dim)
+    return nn.Dropout(cfg.dropout_rate)
+
+
+def _no_autocast(device):
+    """A context with autocast off on `device` (none needed where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class RMSNorm(nn.Module):
@@ -169,7 +210,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention without 1/sqrt(d_kv) scaling; `bias` carries position bias and mask together."""
+    """Multi-head attention without 1/sqrt(d_kv) scaling; `bias` carries position bias and mask together.
+
+    Runs F.scaled_dot_product_attention (scale=1, the bias as additive mask) so fused kernels apply. Dropout of the
+    weights P [b, h, t, s]: T5X draws one mask per (b, h, s), shared by all queries (Flaxformer `dense_attention.py`
+    `dot_product_attention_weights`, broadcast_dropout=True: dropout_shape[-2] = 1), and then
+    dropout(P) @ V = P @ (m[b, h, s] * V[b, h, s, :]): `dropout` (broadcast along d) drops rows of V instead.
+    Elementwise masks (dropout_mask="elementwise") in training take the explicit path: softmax, dropout, matmul.
+    """
 
     def __init__(self, cfg, relative_bias=False, bidirectional=True):
         super().__init__()
@@ -181,7 +229,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
         if relative_bias:
             self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = _dropout(cfg, broadcast_dim=-1)  # broadcast: on V [b, h, s, d]; elementwise: on P
 
     def position_bias(self, q_len, k_len):
         """[1, H, q_len, k_len] fp32. Only relative positions enter, so inside a packed segment i - j (and the bias)
@@ -195,12 +243,15 @@ class Attention(nn.Module):
     def forward(self, x, kv, bias):
         # b = batch, t = query positions, s = key positions, h = heads, d = d_kv
         b, t, s, h = x.shape[0], x.shape[1], kv.shape[1], self.cfg.num_heads
-        q = self.q(x).view(b, t, h, -1)  # [b, t, h, d]
-        k = self.k(kv).view(b, s, h, -1)  # [b, s, h, d]
-        v = self.v(kv).view(b, s, h, -1)
-        logits = torch.einsum("bthd,bshd->bhts", q, k).float() + bias  # no 1/sqrt(d): folded into q's init
-        probs = self.dropout(logits.softmax(-1).to(v.dtype))  # [b, h, t, s]
-        return self.o(torch.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, -1))
+        q = self.q(x).view(b, t, h, -1).transpose(1, 2)  # [b, h, t, d]
+        k = self.k(kv).view(b, s, h, -1).transpose(1, 2)  # [b, h, s, d]
+        v = self.v(kv).view(b, s, h, -1).transpose(1, 2)  # [b, h, s, d]
+        if self.training and self.dropout.p > 0 and not isinstance(self.dropout, BroadcastDropout):
+            logits = (q @ k.transpose(-1, -2)).float() + bias  # [b, h, t, s]; no 1/sqrt(d): folded into q's init
+            out = self.dropout(logits.softmax(-1).to(v.dtype)) @ v  # [b, h, t, d]
+        else:  # bias [b or 1, h or 1, t, s] in q's dtype; dropout_p=0 (the dropout is on V)
+            out = F.scaled_dot_product_attention(q, k, self.dropout(v), attn_mask=bias.to(q.dtype), scale=1.0)
+        return self.o(out.transpose(1, 2).reshape(b, t, -1))  # [b, t, h * d] -> [b, t, d_model]
 
 
 class GatedFFN(nn.Module):
@@ -212,7 +263,7 @@ class GatedFFN(nn.Module):
         self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.act = nn.GELU(approximate="tanh")
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = _dropout(cfg)
 
     def forward(self, x):
         return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
@@ -226,7 +277,7 @@ class ReluFFN(nn.Module):
         self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.act = nn.ReLU()
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = _dropout(cfg)
 
     def forward(self, x):
         return self.wo(self.dropout(self.act(self.wi(x))))
@@ -237,7 +288,7 @@ class SelfAttentionLayer(nn.Module):
         super().__init__()
         self.SelfAttention = Attention(cfg, relative_bias, bidirectional)
         self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = _dropout(cfg)
 
     def forward(self, x, bias):
         h = self.layer_norm(x)
@@ -249,7 +300,7 @@ class CrossAttentionLayer(nn.Module):
         super().__init__()
         self.EncDecAttention = Attention(cfg)
         self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = _dropout(cfg)
 
     def forward(self, x, encoder_hidden, bias):
         return x + self.dropout(self.EncDecAttention(self.layer_norm(x), encoder_hidden, bias))
@@ -260,7 +311,7 @@ class FeedForwardLayer(nn.Module):
         super().__init__()
         self.DenseReluDense = GatedFFN(cfg) if cfg.feed_forward_proj == "gated-gelu" else ReluFFN(cfg)
         self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = _dropout(cfg)
 
     def forward(self, x):
         return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
@@ -289,7 +340,7 @@ class Stack(nn.Module):
         super().__init__()
         self.block = nn.ModuleList([Block(cfg, i == 0, is_decoder) for i in range(num_layers)])
         self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = _dropout(cfg)
 
     def position_bias(self, q_len, k_len):
         return self.block[0].layer[0].SelfAttention.position_bias(q_len, k_len)
@@ -341,9 +392,10 @@ class T5(nn.Module):
         cross_ok = allowed_pairs(T, L, decoder_segment_ids, encoder_segment_ids, encoder_attention_mask, False, dev)
         self_bias = self.decoder.position_bias(T, T) + _additive(self_ok)  # [b, H, T, T]
         x = self.decoder(self.shared(decoder_input_ids), self_bias, encoder_hidden, _additive(cross_ok))
-        if self.config.scale_decoder_outputs:
-            x = x * self.config.d_model ** -0.5  # original T5 (tied head) only; v1.1 does not rescale
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.shared.weight)
+        head = self.shared.weight if self.lm_head is None else self.lm_head.weight  # [vocab, d_model]
+        with _no_autocast(x.device):  # the head in fp32 whatever the autocast (T5X: output_logits dtype float32)
+            x = x.float() * (self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else 1.0)
+            return F.linear(x, head.float())  # rescaling: original T5 (tied head) only
 
     def forward(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,
                 encoder_segment_ids=None, decoder_segment_ids=None):
@@ -351,97 +403,14 @@ class T5(nn.Module):
         return self.decode(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask,
                            encoder_segment_ids, decoder_segment_ids)
 
-    @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32):
         """Greedy decoding, fixed shapes, no host sync: [b, max_new_tokens] ids, pad (0) after each row's EOS."""
-        c, b = self.config, input_ids.shape[0]
-        encoder_hidden = self.encode(input_ids, attention_mask)
-        # column 0 = decoder start; step t writes column t + 1. The causal mask hides the not-yet-written columns,
-        # so the full-length re-run at step t gives the same logits at position t as a growing prefix would.
-        ids = torch.full((b, max_new_tokens + 1), c.pad_token_id, dtype=torch.long, device=input_ids.device)
-        ids[:, 0] = c.decoder_start_token_id
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for t in range(max_new_tokens):
-            next_id = self.decode(ids[:, :-1], encoder_hidden, attention_mask)[:, t].argmax(-1)  # [b]
-            next_id = torch.where(done, c.pad_token_id, next_id)
-            ids[:, t + 1] = next_id
-            done = done | (next_id == c.eos_token_id)
-        return ids[:, 1:]
+        import t5_generate  # the decoding loop lives apart (see there)
+        return t5_generate.greedy(self, input_ids, attention_mask, max_new_tokens)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu"):
-        """Load a HF-layout checkpoint (local directory or hub name) without ever holding two copies: the model is
-        built on the meta device and each file's tensors are assigned into place (memory-mapped and copy-on-write
-        when dtype and device match the file's). Strict about names and shapes."""
-        path = _resolve(name_or_path)
-        shards = {f: _open_weights(os.path.join(path, f)) for f in _weight_files(path)}
-        found = {k: (f, shape) for f, (shapes, _) in shards.items() for k, shape in shapes.items() if k not in _ALIASES}
-        # tying is decided by the files: transformers 5.x writes tie_word_embeddings=True even for untied v1.1
-        config = dataclasses.replace(T5Config.from_hf(path), tie_word_embeddings="lm_head.weight" not in found)
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(expected.keys() - found.keys())
-        unexpected = sorted(found.keys() - expected.keys())
-        wrong = [f"{k} {found[k][1]} in {found[k][0]}, model wants {s}" for k, s in expected.items()
-                 if k in found and found[k][1] != s]
-        if missing or unexpected or wrong:
-            raise ValueError(f"checkpoint {path} does not match its config.json ({config}): missing tensors "
-                             f"{missing}; unexpected tensors {unexpected}; wrong shapes {wrong}")
-        for shapes, get in shards.values():
-            state = {k: get(k).to(device=device, dtype=dtype) for k in shapes if k in expected}
-            model.load_state_dict(state, strict=False, assign=True)
-        # T5 has no non-persistent buffers; this check catches any later addition left on the meta device
-        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if left:
-            raise RuntimeError(f"tensors left on the meta device after loading {path}: {left}")
-        return model.eval()
-
-
-# HF aliases of shared.weight, and a cross-attention bias old HF checkpoints carry unused (HF ignores it too)
-_ALIASES = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
-            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
-_WEIGHT_LAYOUTS = [("model.safetensors.index.json", "model.safetensors"),
-                   ("pytorch_model.bin.index.json", "pytorch_model.bin")]
-
-
-def _weight_files(path):
-    """Weight files of a HF-layout directory, safetensors first; sharded files come from their index JSON."""
-    for index, single in _WEIGHT_LAYOUTS:
-        if os.path.exists(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                return sorted(set(json.load(f)["weight_map"].values()))
-        if os.path.exists(os.path.join(path, single)):
-            return [single]
-    raise FileNotFoundError(f"no weights in {path}: looked for {[n for layout in _WEIGHT_LAYOUTS for n in layout]}")
-
-
-def _open_weights(file):
-    """({name: shape}, get(name) -> tensor) for one file, reading tensors lazily (safetensors, mmap'd .bin)."""
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
-        f = safe_open(file, framework="pt", device="cpu")
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.get_tensor
-    # zip-format .bin (torch >= 1.6) is memory-mapped like safetensors; a legacy (pre-1.6) .bin is read whole
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
-
-
-def _resolve(name_or_path):
-    """A local directory as is; else a hub name fetched with huggingface_hub (safetensors, else .bin files)."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    tried = f"local directory {os.path.abspath(name_or_path)!r} (does not exist)"
-    how = ("pass a local directory holding config.json and model.safetensors or pytorch_model.bin (HF layout), "
-           "e.g. made with `huggingface-cli download google/t5-xl-lm-adapt --local-dir DIR` where the hub is reachable")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
-        raise FileNotFoundError(f"no checkpoint {name_or_path!r}: tried {tried}; not a hub name either. Fix: {how}")
-    from huggingface_hub import snapshot_download
-    try:
-        path = snapshot_download(name_or_path, allow_patterns=["config.json", "model*.safetensors*"])
-        if not any(os.path.exists(os.path.join(path, n)) for layout in _WEIGHT_LAYOUTS for n in layout):
-            path = snapshot_download(name_or_path, allow_patterns=["config.json", "pytorch_model*.bin*"])
-    except OSError as e:  # huggingface_hub's network, offline and not-found errors are all OSErrors
-        raise OSError(f"could not load {name_or_path!r}: tried {tried}, then the Hugging Face hub, which failed "
-                      f"({type(e).__name__}: {e}). Fix: {how}") from e
-    return path
+        """Load a HF-layout checkpoint (a local directory or a hub name): see t5_weights.py. Strict about names and
+        shapes; the model is built on the meta device and each tensor assigned into place (never two copies)."""
+        import t5_weights  # safetensors / huggingface_hub only when loading
+        return t5_weights.load(cls, T5Config, name_or_path, dtype=dtype, device=device)

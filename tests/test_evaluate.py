@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+import build
 import evaluate
+import report
 import mov
 import t5
 
@@ -99,26 +101,26 @@ def test_summarize_median_anli_and_average():
     acc = {"anli_r1": {"a": 40, "b": 30, "c": 35}, "anli_r2": {"a": 30, "b": 34}, "anli_r3": {"a": 33},
            "cb": {"a": 50, "b": 60, "c": 70, "d": 10}, "rte": {"a": 60}, "wsc": {"a": 40, "b": 60, "c": 50},
            "wic": {"a": 50}, "copa": {"a": 90, "b": 70, "c": 80}, "winogrande": {"a": 52}, "hellaswag": {"a": 30}}
-    s = evaluate.summarize(acc)
+    s = report.summarize(acc)
     assert s["datasets"] == {"anli_r1": 35, "anli_r2": 32, "anli_r3": 33, "cb": 55, "rte": 60, "wsc": 50,
                              "wic": 50, "copa": 80, "winogrande": 52, "hellaswag": 30}
     assert s["columns"]["anli"] == pytest.approx(100 / 3)
-    assert sorted(s["average_over"]) == sorted(evaluate.PAPER_DATASETS)
+    assert sorted(s["average_over"]) == sorted(report.PAPER_DATASETS)
     assert s["average"] == pytest.approx((100 / 3 + 55 + 60 + 50 + 50 + 80 + 52 + 30) / 8)
 
 
 def test_format_table_has_papers_columns_and_row():
     """The table lists Table 1's columns in order and, with compare='paper', the same method's paper average."""
-    acc = {k: {"t": 50.0} for k in evaluate.P3_EVAL_KEYS}
-    results = {**evaluate.summarize(acc), "meta": {"method": "mov", "experts": 10, "label": "mov-10"}}
-    text = evaluate.format_table(results, compare="paper")
+    acc = {k: {"t": 50.0} for k in report.P3_EVAL_KEYS}
+    results = {**report.summarize(acc), "meta": {"method": "mov", "experts": 10, "label": "mov-10"}}
+    text = report.format_table(results, compare="paper")
     header = text.splitlines()[0]
     names = ["ANLI R1", "ANLI R2", "ANLI R3", "ANLI", "CB", "RTE", "WSC", "WiC", "COPA", "WinoGrande", "HellaSwag", "Avg"]
     assert [c.strip() for c in header.strip("|").split("|")][1:] == names
     assert "| paper: MoV-10 |" in text and "59.93" in text and "| mov-10 | 50.00" in text
     assert "MoLORA-15" not in text
     with pytest.raises(ValueError, match="compare"):
-        evaluate.format_table(results, compare="T5-11B")
+        report.format_table(results, compare="T5-11B")
 
 
 def brute_force_routing(model, site, inputs, choices):
@@ -182,15 +184,15 @@ def brute_force_accuracy(model, items):
 
 
 def test_cli_on_demo_writes_table_json_md(tmp_path, capsys):
-    """`--model tiny --data demo` prints the table and writes eval.json/md whose accuracies match a HF loop."""
+    """`--model tiny --data demo` prints the table and writes eval-max4.json/md (a --max-examples run) whose accuracies match a HF loop."""
     import train
     results = evaluate.main(["--model", "tiny", "--data", "demo", "--max-examples", "4", "--batch-size", "3",
                              "--device", "cpu", "--out", str(tmp_path), "--compare", "paper"])
     printed = capsys.readouterr().out
     assert "| tiny |" in printed and "Avg" in printed and "paper: T0-3B" in printed
-    saved = json.loads((tmp_path / "eval.json").read_text())
-    md = (tmp_path / "eval.md").read_text()
-    model = train.build_model(train.Config(method="full", model="tiny", seed=0, dropout=0.0), torch.device("cpu"))
+    saved = json.loads((tmp_path / "eval-max4.json").read_text())
+    md = (tmp_path / "eval-max4.md").read_text()
+    model = build.build_model(train.Config(method="full", model="tiny", seed=0, dropout=0.0), torch.device("cpu"))
     medians = []
     for dataset, templates in demo_items(4).items():
         accs = []
@@ -207,7 +209,7 @@ def test_cli_routing_on_mov_adapter_writes_csv_and_png(tmp_path):
     """--routing on a MoV adapter writes routing.png and routing.csv whose rows equal an unpadded per-choice loop."""
     import train
     from safetensors.torch import load_file, save_file
-    model = train.build_model(train.Config(method="mov", experts=4, model="tiny", seed=0, dropout=0.0),
+    model = build.build_model(train.Config(method="mov", experts=4, model="tiny", seed=0, dropout=0.0),
                               torch.device("cpu"))
     trained = {n: (p.detach() + 0.3 * torch.randn_like(p)).contiguous()
                for n, p in model.named_parameters() if p.requires_grad}
@@ -242,10 +244,10 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
         evaluate.main(["--run", str(tmp_path / "nowhere")])
     assert "no such directory" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps(train.Config(model="tiny", data="demo").__dict__))
-    with pytest.raises(SystemExit, match="has no checkpoint"):
+    with pytest.raises(ValueError, match="has no checkpoint"):
         evaluate.main(["--run", str(tmp_path), "--device", "cpu"])
     os.makedirs(tmp_path / "checkpoints" / "step_00000003")
-    with pytest.raises(SystemExit, match="no checkpoint of step 7"):
+    with pytest.raises(ValueError, match="no checkpoint of step 7"):
         evaluate.main(["--run", str(tmp_path), "--step", "7", "--device", "cpu"])
     with pytest.raises(ValueError, match="demo_nothing"):
         evaluate.main(["--model", "tiny", "--data", "demo", "--datasets", "demo_nothing", "--device", "cpu",
@@ -269,7 +271,7 @@ def test_cli_run_uses_newest_checkpoint_and_run_data(tmp_path, capsys):
     from safetensors.torch import save_file
     cfg = train.Config(method="mov", experts=10, model="tiny", data="demo", dropout=0.0, out=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(cfg.__dict__))
-    model = train.build_model(cfg, torch.device("cpu"))
+    model = build.build_model(cfg, torch.device("cpu"))
     for step, noise in ((3, 0.0), (5, 0.5)):
         os.makedirs(tmp_path / "checkpoints" / f"step_{step:08d}")
         save_file({n: (p.detach() + noise * torch.randn_like(p)).contiguous()
@@ -277,7 +279,9 @@ def test_cli_run_uses_newest_checkpoint_and_run_data(tmp_path, capsys):
                   str(tmp_path / "checkpoints" / f"step_{step:08d}" / "trainable.safetensors"))
     run = evaluate.main(["--run", str(tmp_path), "--max-examples", "3", "--device", "cpu", "--compare", "paper"])
     assert "| mov-10 step 5 |" in capsys.readouterr().out
-    assert json.loads((tmp_path / "eval.json").read_text())["meta"]["data"] == "demo"
+    # a --max-examples run writes eval-max3.json: it never overwrites a full evaluation's eval.json
+    assert json.loads((tmp_path / "eval-max3.json").read_text())["meta"]["data"] == "demo"
+    assert not (tmp_path / "eval.json").exists()
     newest = evaluate.main(["--model", "tiny", "--adapter", str(tmp_path / "checkpoints" / "step_00000005"),
                             "--data", "demo", "--max-examples", "3", "--device", "cpu", "--out", str(tmp_path / "a")])
     assert run["tasks"] == newest["tasks"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import adafactor
+import build
+import rundir
 import train
 from safetensors.torch import load_file
 
@@ -52,21 +54,21 @@ def test_count_params_xl_matches_reference_table(capsys):
     expected = {("mov", 10): "7,956,480", ("mov", 30): "23,869,440", ("ia3", 1): "540,672",
                 ("lora", 1): "7,471,104", ("molora", 15): "126,074,880"}
     for (method, experts), count in expected.items():
-        cfg, only_count = train.parse_args(["--model", "xl", "--method", method, "--experts", str(experts),
-                                            "--count-params"])
-        assert only_count
-        text = train.count_params(cfg)
+        cfg, action = train.parse_args(["--model", "xl", "--method", method, "--experts", str(experts),
+                                        "--count-params"])
+        assert action == "count"
+        text = build.count_params(cfg)
         assert f"trainable parameters {count} " in text, text
         assert "backbone parameters  2,849,757,184" in text, text
 
 
 def test_demo_runs_end_to_end_and_evaluates(tmp_path):
-    """The demo preset trains, writes a checkpoint and log, and its evaluation writes eval.json and eval.md."""
+    """The demo preset trains, writes a checkpoint and log, and its evaluation writes eval-max3.json and eval-max3.md (a --eval-max-examples run)."""
     cfg = demo_cfg(tmp_path / "run", steps=3, evaluate=True, eval_max_examples=3)
     result = train.main(cfg)
     assert result["step"] == 3
-    assert [s for s, _ in train.checkpoints(cfg.out)] == [3]
-    assert os.path.exists(tmp_path / "run" / "eval.json") and os.path.exists(tmp_path / "run" / "eval.md")
+    assert [s for s, _ in rundir.checkpoints(cfg.out)] == [3]
+    assert os.path.exists(tmp_path / "run" / "eval-max3.json") and os.path.exists(tmp_path / "run" / "eval-max3.md")
     assert sorted(logged_losses(cfg.out)) == [1, 2, 3]
 
 
@@ -88,10 +90,9 @@ def test_resume_after_stop_gives_the_uninterrupted_losses(tmp_path, monkeypatch)
         return out
     monkeypatch.setattr(adafactor.Adafactor, "step", step_then_signal)
     part = demo_cfg(tmp_path / "part")
-    with pytest.raises(SystemExit) as stopped:
-        train.main(part)
-    assert stopped.value.code == 128 + signal.SIGTERM
-    assert [s for s, _ in train.checkpoints(part.out)] == [3, 4]
+    assert train.main(part)["signal"] == signal.SIGTERM
+    assert train.cli  # the command line turns it into exit status 128 + SIGTERM
+    assert [s for s, _ in rundir.checkpoints(part.out)] == [3, 4]
     monkeypatch.setattr(adafactor.Adafactor, "step", original_step)
     train.main(part)  # the same command again resumes from step 4
     resumed = logged_losses(part.out)
@@ -105,8 +106,8 @@ def test_checkpoint_holds_only_adapter_tensors(tmp_path, method):
     """A PEFT checkpoint holds the adapter and router tensors only, none of the frozen backbone."""
     cfg = demo_cfg(tmp_path / method, method=method, experts=3, steps=1)
     train.main(cfg)
-    tensors = load_file(os.path.join(train.checkpoints(cfg.out)[-1][1], "trainable.safetensors"))
-    model = train.build_model(cfg, torch.device("cpu"))
+    tensors = load_file(os.path.join(rundir.checkpoints(cfg.out)[-1][1], "trainable.safetensors"))
+    model = build.build_model(cfg, torch.device("cpu"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(tensors) == trainable
     assert not any(n.endswith(".weight") for n in tensors), sorted(tensors)[:5]
@@ -122,7 +123,7 @@ def test_checkpoint_holds_only_adapter_tensors(tmp_path, method):
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys):
     """Unknown methods, impossible values and unknown flags stop with a message naming them."""
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises((SystemExit, ValueError)) as err:
         train.parse_args(argv)
     assert message in str(err.value) + capsys.readouterr().err
 
@@ -137,9 +138,9 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 def test_checkpoint_of_another_method_refuses_to_load(tmp_path):
     """Resuming a run directory with another method or expert count names the mismatch."""
     train.main(demo_cfg(tmp_path / "run", steps=1))
-    with pytest.raises(SystemExit, match="method: saved 'mov', asked 'molora'"):
+    with pytest.raises(ValueError, match="method: saved 'mov', asked 'molora'"):
         train.main(demo_cfg(tmp_path / "run", method="molora", steps=2))
-    with pytest.raises(SystemExit, match="experts: saved 10, asked 4"):
+    with pytest.raises(ValueError, match="experts: saved 10, asked 4"):
         train.main(demo_cfg(tmp_path / "run", experts=4, steps=2))
 
 
@@ -161,11 +162,11 @@ def test_sentence_routing_trains_on_minilm_embeddings(tmp_path):
     """--router-input sentence trains with the real MiniLM embedder: routers read 384-d embeddings and change."""
     cfg = demo_cfg(tmp_path / "sentence", router_input="sentence", experts=3, steps=2)
     train.main(cfg)
-    tensors = load_file(os.path.join(train.checkpoints(cfg.out)[-1][1], "trainable.safetensors"))
+    tensors = load_file(os.path.join(rundir.checkpoints(cfg.out)[-1][1], "trainable.safetensors"))
     routers = {n: t for n, t in tensors.items() if n.endswith("mov_router")}
     assert routers and all(tuple(t.shape) == (384, 3) for t in routers.values())
     torch.manual_seed(cfg.seed + 1)
-    fresh = train.build_model(cfg, torch.device("cpu"))
+    fresh = build.build_model(cfg, torch.device("cpu"))
     assert any(not torch.equal(routers[n], p) for n, p in fresh.named_parameters() if n in routers)
 
 
@@ -182,7 +183,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     cfg = demo_cfg(tmp_path / "run")
     with pytest.raises(FloatingPointError, match="loss is nan at step 5"):
         train.main(cfg)
-    assert [s for s, _ in train.checkpoints(cfg.out)] == [3]
+    assert [s for s, _ in rundir.checkpoints(cfg.out)] == [3]
     assert sorted(logged_losses(cfg.out)) == [1, 2, 3, 4]
 
 
@@ -193,7 +194,7 @@ def test_resume_after_a_hard_kill_relogs_nothing_twice(tmp_path):
     train.main(full)
     part = demo_cfg(tmp_path / "part", steps=5)
     train.main(part)
-    shutil.rmtree(dict(train.checkpoints(part.out))[5])  # as if SIGKILL struck between the log line and the rename
+    shutil.rmtree(dict(rundir.checkpoints(part.out))[5])  # as if SIGKILL struck between the log line and the rename
     train.main(demo_cfg(tmp_path / "part"))
     with open(os.path.join(part.out, "log.jsonl")) as f:
         lines = [json.loads(line) for line in f]

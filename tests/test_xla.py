@@ -25,6 +25,7 @@ import molora
 import mov
 import sharding
 import t5
+import tpu_memory
 
 BATCH, INPUT_LEN, TARGET_LEN = 8, 16, 8  # 8 rows split over 4 (or 8) devices
 METHODS = {
@@ -160,11 +161,12 @@ def test_table_errors_name_the_misfit():
 
 
 def test_memory_model_counts_match_the_reference():
-    """The memory table's parameter counts equal REFERENCE.md sections 1 and 4 (T5-xl); frozen bytes split by fsdp."""
-    parts = sharding.memory_per_chip("xl", "mov", experts=10, data=1, fsdp=4, batch=4)
+    """The memory table's T5-xl trainable counts equal those of the original's tensor shapes; frozen bytes split by
+    fsdp (for-ai/parameter-efficient-moe `src/mov.py`, `src/ia3.py`, `src/molora.py`)."""
+    parts = tpu_memory.memory_per_chip("xl", "mov", experts=10, data=1, fsdp=4, batch=4)
     assert parts["trainable_params"] == 7_956_480
-    assert sharding.memory_per_chip("xl", "ia3", data=4, fsdp=1, batch=4)["trainable_params"] == 540_672
-    assert sharding.memory_per_chip("xl", "molora", experts=15, data=4, fsdp=1, batch=4)["trainable_params"] \
+    assert tpu_memory.memory_per_chip("xl", "ia3", data=4, fsdp=1, batch=4)["trainable_params"] == 540_672
+    assert tpu_memory.memory_per_chip("xl", "molora", experts=15, data=4, fsdp=1, batch=4)["trainable_params"] \
         == 126_074_880
     # fp32 weights, a quarter per chip: 4 bytes * 2,849.76M / 4 (norms and position tables replicated: +0.03%)
     assert abs(parts["frozen"] - 2_849.76e6) / 2_849.76e6 < 1e-3
@@ -191,7 +193,7 @@ def test_activation_model_matches_what_autograd_saves(method):
         logits = model(torch.randint(2, 512, (1, li)), torch.randint(2, 512, (1, lt)))
         F.cross_entropy(logits.float().flatten(0, 1), torch.randint(2, 512, (lt,)))
     experts = 4 if method in ("mov", "molora") else 1
-    model_bytes = sharding.activation_bytes_per_row(config, method, experts, 4, li, lt)
+    model_bytes = tpu_memory.activation_bytes_per_row(config, method, experts, 4, li, lt)
     assert 0.75 < model_bytes / sum(saved.values()) < 1.1, (model_bytes, sum(saved.values()))
 
 
@@ -338,6 +340,7 @@ def test_train_script_on_a_mesh_logs_the_cpu_losses(xla, tmp_path):
     """`train.py --device xla --fsdp 2` (demo data, MoV, fp32, no dropout) logs the CPU run's losses, resumed too."""
     import json
 
+    import rundir
     import train
 
     def run(device, out, steps=3):
@@ -351,7 +354,7 @@ def test_train_script_on_a_mesh_logs_the_cpu_losses(xla, tmp_path):
     cpu, tpu_like = run("cpu", tmp_path / "cpu"), run("xla", tmp_path / "xla")
     assert len(cpu) == 3
     assert tpu_like == pytest.approx(cpu, rel=1e-5, abs=1e-6)
-    assert len(train.checkpoints(str(tmp_path / "xla"))) == 1  # gathered to the host and written
+    assert len(rundir.checkpoints(str(tmp_path / "xla"))) == 1  # gathered to the host and written
     # resumed on XLA from a step-2 checkpoint, step 3 logs the uninterrupted loss
     run("xla", tmp_path / "resumed", steps=2)
     assert run("xla", tmp_path / "resumed") == pytest.approx(cpu, rel=1e-5, abs=1e-6)

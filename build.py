@@ -1,0 +1,128 @@
+"""The pieces a run is made of, built from its settings: the device, the activation dtype, and the model.
+
+One place for what train.py, evaluate.py, generate.py and bench.py all need, so that a model trained by one is
+rebuilt identically by the others:
+
+    device = build.resolve_device("auto")                     # TPU (torch-xla), then CUDA, then the CPU
+    autocast = build.autocast_enabled("auto", device)         # bf16 autocast where the hardware has it
+    model = build.build_model(settings, device)               # backbone + adapters, base weights frozen
+
+`settings` is any object with the run's fields as attributes (train.Config, or a run directory's config.json read
+back by rundir.py): method, experts, rank, alpha, top_k, router_input, model, dropout, seed, and optionally the
+router options and dropout_mask. The backbone is T5 v1.1 + LM adaptation (`google/t5-<size>-lm-adapt`), the one the
+paper adapts (Zadouri et al. 2023, section 3; the original's `configs/*.gin` load `t5_1_1_lm100k_<size>`).
+"""
+import dataclasses
+import os
+
+import torch
+
+import molora
+import mov
+import t5
+
+METHODS = ("mov", "molora", "ia3", "lora", "full")
+SIZES = ("small", "base", "large", "xl", "xxl")  # presets with released LM-adapted weights on the hub
+# The settings a model is built from (the fields of train.Config that build_model reads).
+SETTINGS = ("method", "experts", "rank", "alpha", "top_k", "router_input", "model", "dropout", "seed")
+
+
+# ----------------------------------------------------------------------------------------------- device and dtype
+def device_kind(name: str) -> str:
+    """--device resolved to xla, cuda or cpu. auto: a TPU (through torch-xla), then CUDA, then the CPU."""
+    if name == "auto":
+        # A TPU VM exposes /dev/accel*; importing torch_xla elsewhere would cost seconds for nothing.
+        tpu = os.path.exists("/dev/accel0") or os.environ.get("PJRT_DEVICE") == "TPU"
+        name = "xla" if tpu else "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "xla"):
+        raise ValueError(f"--device must be auto, cpu, cuda or xla, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """torch.device of --device; torch_xla is imported only for xla."""
+    kind = device_kind(name)
+    if kind == "xla":
+        import torch_xla
+        return torch_xla.device()
+    return torch.device(kind)
+
+
+def autocast_enabled(dtype: str, device: torch.device) -> bool:
+    """Whether activations run under bf16 autocast: --dtype bfloat16, or auto on an accelerator."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return dtype == "bfloat16" or (dtype == "auto" and device.type != "cpu")
+
+
+# ----------------------------------------------------------------------------------------------- model
+def hub_name(model: str) -> str:
+    """--model as a checkpoint to load: a size means google/t5-<size>-lm-adapt; else a directory or hub name."""
+    return t5.T5Config.hub_name(model) if model in SIZES else model
+
+
+def model_config(settings) -> t5.T5Config:
+    """The backbone's T5Config without loading weights: a preset, or a directory's config.json."""
+    if settings.model == "tiny" or settings.model in SIZES:
+        config = t5.T5Config.preset(settings.model)
+    elif os.path.isfile(os.path.join(settings.model, "config.json")):
+        config = t5.T5Config.from_hf(os.path.join(settings.model, "config.json"))
+    else:
+        raise ValueError(f"--model {settings.model!r}: the shapes need a preset ({', '.join(('tiny',) + SIZES)}) or "
+                         "a directory with config.json")
+    return dataclasses.replace(config, dropout_rate=settings.dropout)
+
+
+def add_adapters(model: torch.nn.Module, settings) -> torch.nn.Module:
+    """Wrap the backbone's layers from outside (mov.py / molora.py); the base weights are frozen by the injector."""
+    method = settings.method
+    if method == "mov":
+        sentence_dim = None
+        if settings.router_input == "sentence":
+            from data import SENTENCE_DIM as sentence_dim  # the embedder's width (data.SentenceEmbedder)
+        return mov.add_mov(model, settings.experts, top_k=settings.top_k, router_input=settings.router_input,
+                           sentence_dim=sentence_dim)
+    if method == "ia3":
+        return mov.add_ia3(model)
+    if method == "molora":
+        return molora.add_molora(model, settings.experts, rank=settings.rank, alpha=settings.alpha)
+    if method == "lora":
+        return molora.add_lora(model, rank=settings.rank, alpha=settings.alpha)
+    if method == "full":
+        return model.requires_grad_(True)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def build_model(settings, device: torch.device) -> torch.nn.Module:
+    """Backbone (random for `tiny`, else pre-trained weights) with the method's adapters, on `device`."""
+    torch.manual_seed(settings.seed)
+    if settings.model == "tiny":
+        model = t5.T5(model_config(settings))
+    else:
+        model = t5.T5.from_pretrained(hub_name(settings.model))
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = settings.dropout
+    torch.manual_seed(settings.seed + 1)  # adapter init independent of how the backbone was made
+    return add_adapters(model, settings).to(device)
+
+
+def count_params(settings) -> str:
+    """The backbone's and the adapters' parameter counts, on the meta device (nothing loaded or allocated)."""
+    with torch.device("meta"):
+        model = add_adapters(t5.T5(model_config(settings)), settings)
+    params = dict(model.named_parameters())
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    total = sum(p.numel() for p in params.values())
+    backbone = total - trainable if settings.method != "full" else total
+    experts = f", {settings.experts} experts" if settings.method in ("mov", "molora") else ""
+    return (f"model {settings.model}, method {settings.method}{experts}\nbackbone parameters  {backbone:,}\n"
+            f"trainable parameters {trainable:,} ({100 * trainable / backbone:.3f}% of the backbone)\n"
+            f"total parameters     {total:,}")
+
+
+def run_name(method: str, experts: int) -> str:
+    """mov-30, molora-15, ia3, lora, full: a run's short name (its default directory and table label)."""
+    return f"{method}-{experts}" if method in ("mov", "molora") else method

@@ -1,0 +1,110 @@
+"""The paper's table from per-template accuracies: medians over templates, ANLI, the 8-dataset average, files.
+
+Zadouri et al. 2023 (arXiv 2309.05444) report, in Table 1, each held-out dataset's accuracy as the median over its
+prompt templates, as T0 does (Sanh et al. 2021, section 6), ANLI R1-R3 as one column (their mean), and the average
+over the eight datasets ANLI, CB, RTE, WSC, WiC, COPA, WinoGrande, HellaSwag. The original code (T5X's
+`t5x.eval`, for-ai/parameter-efficient-moe `scripts/*_eval.sh`) writes per-task accuracy only: the median and the
+average are post-processing, done here.
+
+    results = report.summarize({"rte": {"template_a": 61.0, "template_b": 58.5}, ...})
+    print(report.format_table(results, compare="paper"))
+    report.write_outputs(results, "runs/mov-30")          # eval.json, eval.md
+"""
+import json
+import os
+import statistics
+
+import numpy as np
+
+import data
+import rundir
+
+ANLI_ROUNDS = ("anli_r1", "anli_r2", "anli_r3")
+# The paper's eight held-out datasets, ANLI counted once (the mean of its rounds), in Table 1's column order.
+PAPER_DATASETS = ("anli", "cb", "rte", "wsc", "wic", "copa", "winogrande", "hellaswag")
+P3_EVAL_KEYS = ANLI_ROUNDS + PAPER_DATASETS[1:]
+# Column titles: the paper's datasets and the demo's, as data.py names them.
+COLUMN_NAMES = {**dict(data.EVAL_DATASETS), "anli": "ANLI", **dict(data.DEMO_EVAL_DATASETS)}
+# Table 1 of the paper (T5-3B, median accuracy over templates), averages only: the per-dataset cells were not
+# available to us first-hand, so they are not reproduced.
+PAPER_AVERAGES = {"T0-3B": 60.06, "(IA)3": 52.90, "LoRA r4": 57.51, "MoV-10": 59.93, "MoV-30": 60.61,
+                  "MoLORA-15": 60.79}
+
+
+def summarize(task_accuracy):
+    """Per-dataset medians over templates, ANLI, and the average, from {dataset: {template: accuracy %}}.
+
+    Returns {"datasets": {dataset: median}, "columns": {column: value}, "average": mean of the columns,
+    "average_over": [columns]}. Columns are ANLI (the mean of whichever rounds are present) and every other
+    dataset; when all of P3's keys are present the average is the paper's 8-dataset average.
+    """
+    datasets = {}
+    for name, templates in task_accuracy.items():
+        if not templates:
+            raise ValueError(f"dataset {name!r} has no templates; remove it or give it at least one")
+        datasets[name] = float(statistics.median(templates.values()))
+    columns = {}
+    rounds = [datasets[r] for r in ANLI_ROUNDS if r in datasets]
+    if rounds:
+        columns["anli"] = float(np.mean(rounds))
+    columns.update({k: v for k, v in datasets.items() if k not in ANLI_ROUNDS})
+    average = float(np.mean(list(columns.values())))
+    return {"datasets": datasets, "columns": columns, "average": average, "average_over": list(columns)}
+
+
+def ordered(keys):
+    """Table 1's column order for the paper's datasets (then the demo's), then any others sorted."""
+    order = ANLI_ROUNDS + PAPER_DATASETS + tuple(k for k, _ in data.DEMO_EVAL_DATASETS)
+    return [k for k in order if k in keys] + sorted(k for k in keys if k not in order)
+
+
+def paper_row(meta):
+    """The Table 1 row of the same method (from meta: method, experts, rank), or None."""
+    method, experts, rank = meta.get("method"), meta.get("experts"), meta.get("rank")
+    name = {"full": "T0-3B", "ia3": "(IA)3", "lora": f"LoRA r{rank}", "mov": f"MoV-{experts}",
+            "molora": f"MoLORA-{experts}"}.get(method)
+    return name if name in PAPER_AVERAGES else None
+
+
+def format_table(results, compare=None):
+    """A Markdown table of `results` (from evaluate): one row for us, and with compare="paper" the Table 1 row of
+    the same method (every Table 1 row when the method has none), or compare=<row name> that row."""
+    if compare not in (None, "paper") and compare not in PAPER_AVERAGES:
+        raise ValueError(f"compare must be None, 'paper' or one of {list(PAPER_AVERAGES)}, got {compare!r}")
+    keys = ordered(set(results["datasets"]) | set(results["columns"]))
+    head = [COLUMN_NAMES.get(k, k) for k in keys] + ["Avg"]
+    values = {**results["datasets"], **results["columns"]}
+    label = results.get("meta", {}).get("label", "ours")
+    lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|",
+             f"| {label} | " + " | ".join(f"{values[k]:.2f}" for k in keys) + f" | {results['average']:.2f} |"]
+    notes = []
+    if compare is not None:
+        rows = [compare] if compare != "paper" else [paper_row(results.get("meta", {}))]
+        rows = list(PAPER_AVERAGES) if rows == [None] else rows
+        for row in rows:
+            lines.append(f"| paper: {row} | " + " | ".join("-" for _ in keys) + f" | {PAPER_AVERAGES[row]:.2f} |")
+        notes.append("Paper rows: Table 1 of arXiv 2309.05444 (T5-3B), averages only; its per-dataset cells are "
+                     "not reproduced.")
+    missing = [k for k in PAPER_DATASETS if k not in results["columns"]]
+    if missing and set(PAPER_DATASETS) & set(results["columns"]):
+        notes.append(f"Average over {len(results['columns'])} columns; missing from the paper's eight: {missing}.")
+    notes.append("Accuracy in %, median over templates" + ("; ANLI = mean of R1-R3" if "anli" in results["columns"]
+                  else "") + f"; Avg = mean over {', '.join(COLUMN_NAMES.get(k, k) for k in results['average_over'])}.")
+    return "\n".join(lines + [""] + notes)
+
+
+def output_name(max_examples=None):
+    """eval, or eval-max<N> for a quick run on N examples per template: it never overwrites a full evaluation."""
+    return "eval" if max_examples is None else f"eval-max{max_examples}"
+
+
+def write_outputs(results, out_dir, compare=None, name="eval"):
+    """<name>.json (everything) and <name>.md (the table and per-template accuracies), each written atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    rundir.write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps(results, indent=1) + "\n")
+    lines = ["# Held-out evaluation (rank classification)", "", format_table(results, compare), "",
+             "## Per template", "", "| dataset | template | examples | accuracy |", "|---|---|---|---|"]
+    for dataset in ordered(results["tasks"]):
+        for template, r in sorted(results["tasks"][dataset].items()):
+            lines.append(f"| {dataset} | {template} | {r['examples']} | {r['accuracy']:.2f} |")
+    rundir.write_atomic(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
