@@ -1,6 +1,6 @@
 """Adafactor exactly as T5X configures it for the paper: a `torch.optim.Optimizer`.
 
-Reproduces REFERENCE section 6: the optimizer of the original code (for-ai/parameter-efficient-moe,
+Reproduces the optimizer of the original code (for-ai/parameter-efficient-moe,
 `configs/{mov,molora,...}.gin`: `adafactor.Adafactor: decay_rate = 0.8, step_offset = 0`, with the factor rules
 of `src/adafactor_custom.py`), which is T5X's `t5x/adafactor.py` with its defaults (Shazeer & Stern 2018,
 "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", arXiv 1804.04235). The learning rate is the

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+import build
 import t5
 from bench_measure import CONFIGS, PEERS, run_spec
 
@@ -46,24 +47,27 @@ def run_worker(spec):
 
 
 def plan(args):
-    """The specs to run, in order: each configuration's ours/peer pair interleaved, the first of each pair
-    alternating, then the evaluation comparison."""
+    """The specs to run, in order, per dtype: the matmul peak, then each configuration's ours/peer pair interleaved
+    (the first of each pair alternating); the evaluation comparison last, in the first dtype."""
     common = {k: getattr(args, k) for k in ("preset", "batch_size", "input_len", "target_len", "warmup", "steps",
-                                            "threads", "device", "seed")}
+                                            "threads", "device", "seed", "peak_n")}
     specs, pairs = [], 0
-    for name in args.methods:
-        if name == "eval":
-            continue
-        pair = [{"kind": "train", "impl": "ours", "name": name, **common}]
-        if args.peer and name in PEERS:
-            pair.append({"kind": "train", "impl": "peer", "name": name, **common})
-            pair = pair if pairs % 2 == 0 else pair[::-1]
-            pairs += 1
-        specs += pair
+    for dtype in args.dtypes:
+        specs.append({"kind": "peak", "impl": "ours", "name": "matmul-peak", **common, "dtype": dtype})
+        for name in args.methods:
+            if name == "eval":
+                continue
+            pair = [{"kind": "train", "impl": "ours", "name": name, **common, "dtype": dtype}]
+            if args.peer and name in PEERS:
+                pair.append({"kind": "train", "impl": "peer", "name": name, **common, "dtype": dtype})
+                pair = pair if pairs % 2 == 0 else pair[::-1]
+                pairs += 1
+            specs += pair
     if "eval" in args.methods:
-        specs.append({"kind": "eval", "impl": "ours", "name": "eval", "eval_examples": args.eval_examples, **common})
+        specs.append({"kind": "eval", "impl": "ours", "name": "eval", "eval_examples": args.eval_examples, **common,
+                      "dtype": args.dtypes[0]})
     for s in specs:
-        s["method"], s["experts"] = CONFIGS.get(s["name"], ("eval", None))
+        s["method"], s["experts"] = CONFIGS.get(s["name"], (s["kind"], None))
     return specs
 
 
@@ -90,40 +94,72 @@ def _fmt(x, spec="{:.1f}"):
     return "n/a" if x is None else spec.format(x)
 
 
-def targets(records):
-    """[(target, value text, met: True / False / None)] for the README's performance targets."""
-    ours = {r["name"]: r for r in records if r["kind"] == "train" and r["impl"] == "ours"}
-    peer = {r["name"]: r for r in records if r["kind"] == "train" and r["impl"] == "peer"}
+# (IA)3 and LoRA: ours / peer tokens/s at equal precision, at least; peak memory ours / peer, at most; the bf16
+# (IA)3 step's fraction of the bf16 matmul peak, at least; MoV-30 / (IA)3 and MoLORA-10 / LoRA step time, at most.
+SPEED = {"float32": 1.1, "bfloat16": 1.5}
+MEMORY, BF16_PEAK_FRACTION = 0.8, 0.7
+ROUTED = (("mov-30", "ia3", "MoV-30 / (IA)3", 1.15), ("molora-10", "lora", "MoLORA-10 / LoRA", 1.5))
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def by_name(records, kind="train"):
+    """{(impl, name, dtype): record} of one kind of record."""
+    return {(r["impl"], r["name"], r.get("dtype", "float32")): r for r in records if r["kind"] == kind}
+
+
+def peak_fraction(record, records):
+    """A training record's model FLOP/s over the matmul peak measured in its dtype, or None."""
+    peak = by_name(records, "peak").get(("ours", "matmul-peak", record.get("dtype", "float32")))
+    if peak is None or "model_flops_per_s" not in record:
+        return None
+    return record["model_flops_per_s"] / peak["peak_flops_per_s"]
+
+
+def targets(records, skipped=None):
+    """[(target, value text, met: True / False / None)] for the README's performance targets, in both dtypes.
+    skipped: {dtype: why it was not run} for the text of a dtype without records."""
+    train, rows = by_name(records), []
+    for dtype in ("float32", "bfloat16"):
+        measured = any(key[2] == dtype for key in train)
+        why_not = (skipped or {}).get(dtype, f"not measured (--dtypes lacks {dtype})")
+
+        def add(target, value, met, needs):
+            """One row; value None: not measured (the dtype was not run, or `needs` was missing)."""
+            text = value if value is not None else why_not if not measured else f"not measured (needs {needs})"
+            rows.append((f"{SHORT[dtype]}: {target}", text, met if value is not None else None))
+
+        for name, label in (("ia3", "(IA)3"), ("lora", "LoRA")):
+            ours, peer = train.get(("ours", name, dtype)), train.get(("peer", name, dtype))
+            speed = ours["tokens_per_s"] / peer["tokens_per_s"] if ours and peer else None
+            add(f"our {label} tokens/s at least {SPEED[dtype]}x peft's", None if speed is None else f"{speed:.2f}x",
+                speed is not None and speed >= SPEED[dtype], f"--peer and {name}")
+            m, pm = (ours or {}).get("peak_mem_mb"), (peer or {}).get("peak_mem_mb")
+            ratio = m / pm if m is not None and pm else None
+            add(f"our {label} peak memory at most {MEMORY}x peft's",
+                None if ratio is None else f"{ratio:.2f}x ({m:.0f} / {pm:.0f} MB)",
+                ratio is not None and ratio <= MEMORY, f"--peer and {name}, on Linux or CUDA")
+        if dtype == "bfloat16":
+            ours = train.get(("ours", "ia3", dtype))
+            fraction = peak_fraction(ours, records) if ours else None
+            add(f"our (IA)3 step at least {BF16_PEAK_FRACTION:.0%} of the bf16 matmul peak",
+                None if fraction is None else f"{fraction:.0%}",
+                fraction is not None and fraction >= BF16_PEAK_FRACTION, "ia3 and its matmul peak")
+        for name, base, label, limit in ROUTED:
+            ours, dense = train.get(("ours", name, dtype)), train.get(("ours", base, dtype))
+            ratio = ours["step_s"] / dense["step_s"] if ours and dense else None
+            add(f"{label} step time at most {limit}x", None if ratio is None else f"{ratio:.2f}x",
+                ratio is not None and ratio <= limit,
+                f"{name} and {base}")
     ev = next((r for r in records if r["kind"] == "eval"), None)
-    rows = []
-    for name, label in (("ia3", "(IA)3"), ("lora", "LoRA")):
-        if name in ours and name in peer:
-            speed = peer[name]["step_s"] / ours[name]["step_s"]
-            aim = "met" if speed >= 1.25 else "missed"
-            rows.append((f"our {label} step at least as fast as peft's", f"{speed:.2f}x (aim 1.25x: {aim})",
-                         speed >= 1.0))
-            m, pm = ours[name].get("peak_mem_mb"), peer[name].get("peak_mem_mb")
-            rows.append((f"our {label} peak memory no higher than peft's", f"{_fmt(m)} / {_fmt(pm)} MB",
-                         None if m is None or pm is None else m <= pm))
-        else:
-            rows.append((f"our {label} vs peft's {label}", f"not measured (needs --peer and {name})", None))
-    for name, base, label, limit in (("mov-30", "ia3", "MoV-30 / (IA)3", 1.15),
-                                     ("molora-10", "lora", "MoLORA-10 / LoRA", 1.5)):
-        if name in ours and base in ours:
-            ratio = ours[name]["step_s"] / ours[base]["step_s"]
-            rows.append((f"{label} step time at most {limit}x", f"{ratio:.2f}x", ratio <= limit))
-        else:
-            rows.append((f"{label} step time at most {limit}x", f"not measured (needs {name} and {base})", None))
-    if ev is not None:
-        rows.append(("rank classification, one encoder pass vs naive, at least 2x", f"{ev['speedup']:.2f}x",
-                     ev["speedup"] >= 2.0))
-    else:
-        rows.append(("rank classification at least 2x faster", "not measured (needs eval)", None))
+    rows.append(("rank classification, one encoder pass vs naive, at least 2x",
+                 "not measured (needs eval)" if ev is None else f"{ev['speedup']:.2f}x",
+                 None if ev is None else ev["speedup"] >= 2.0))
     return rows
 
 
 def markdown(records, args, total_s):
-    """The README's table: machine heading, one row per configuration with its peer, comparisons, targets."""
+    """The README's tables: machine heading; per dtype its matmul peak and one row per configuration with its peer
+    and comparisons; the evaluation; the targets."""
     m = machine()
     threads = f"{args.threads} torch threads" if args.device == "cpu" else f"device {args.device}"
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores visible, {threads}"
@@ -134,43 +170,59 @@ def markdown(records, args, total_s):
              f"total benchmark wall time {total_s:.0f} s.", ""]
     train = [r for r in records if r["kind"] == "train"]
     if train:
-        lines.append(f"Peak memory: {train[0]['mem_method']}.")
-        lines.append("")
-    ours = {r["name"]: r for r in train if r["impl"] == "ours"}
-    peer = {r["name"]: r for r in train if r["impl"] == "peer"}
+        lines += [f"Peak memory: {train[0]['mem_method']}.", ""]
+    for why in getattr(args, "skipped", {}).values():
+        lines += [why[0].upper() + why[1:] + ".", ""]
     xla = args.device == "xla"
-    head = ["config", "trainable params", "step ms", "tokens/s", "peak MB"] + (["compiles"] if xla else [])
-    if peer:
-        head += ["peer step ms", "peer peak MB", "speed ours/peer", "memory ours/peer"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in ours.items():
-        row = [name, f"{r['trainable_params']:,}", f"{1000 * r['step_s']:.0f}", f"{r['tokens_per_s']:.0f}",
-               _fmt(r.get("peak_mem_mb"), "{:.0f}")] + ([str(r.get("compiles_timed"))] if xla else [])
+    for dtype in args.dtypes:
+        peak = by_name(records, "peak").get(("ours", "matmul-peak", dtype))
+        ours = {r["name"]: r for r in train if r["impl"] == "ours" and r.get("dtype") == dtype}
+        peer = {r["name"]: r for r in train if r["impl"] == "peer" and r.get("dtype") == dtype}
+        mode = "bf16 autocast (fp32 weights)" if dtype == "bfloat16" else "float32"
+        peak_text = ("not measured" if peak is None else
+                     f"{peak['peak_flops_per_s'] / 1e9:.1f} GFLOP/s (best of {len(peak['times'])} "
+                     f"{peak.get('peak_n', 2048)}^3 {dtype} matmuls)")
+        lines += [f"**{mode}**; matmul peak {peak_text}.", ""]
+        head = ["config", "trainable params", "step ms", "tokens/s", "peak MB", "GFLOP/step", "of peak"]
+        head += ["compiles"] if xla else []
         if peer:
+            head += ["peer step ms", "peer peak MB", "peer of peak", "tokens/s ours/peer", "memory ours/peer"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, r in ours.items():
+            row = [name, f"{r['trainable_params']:,}", f"{1000 * r['step_s']:.0f}", f"{r['tokens_per_s']:.0f}",
+                   _fmt(r.get("peak_mem_mb"), "{:.0f}"), _fmt(r.get("model_flops", 0) / 1e9, "{:.3g}"),
+                   _fmt(peak_fraction(r, records), "{:.0%}")] + ([str(r.get("compiles_timed"))] if xla else [])
             p = peer.get(name)
-            if p is None:
-                row += ["", "", "", ""]
-            else:
+            if peer and p is None:
+                row += [""] * 5
+            elif p is not None:
                 mem_ratio = (r["peak_mem_mb"] / p["peak_mem_mb"] if r.get("peak_mem_mb") and p.get("peak_mem_mb")
                              else None)
                 row += [f"{1000 * p['step_s']:.0f}", _fmt(p.get("peak_mem_mb"), "{:.0f}"),
-                        f"{p['step_s'] / r['step_s']:.2f}x", _fmt(mem_ratio, "{:.2f}")]
-        lines.append("| " + " | ".join(row) + " |")
+                        _fmt(peak_fraction(p, records), "{:.0%}"), f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x",
+                        _fmt(mem_ratio, "{:.2f}")]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
     ev = next((r for r in records if r["kind"] == "eval"), None)
     if ev is not None:
-        lines += ["", f"Rank classification of {ev['examples']} random {ev['choices']}-choice items (batch "
-                  f"{args.batch_size} examples): one encoder pass {ev['one_pass_examples_per_s']:.1f} examples/s, "
-                  f"naive per-choice forward {ev['naive_examples_per_s']:.1f} examples/s, speed-up "
-                  f"{ev['speedup']:.2f}x (scores agree to {ev['max_abs_score_diff']:.1e})."]
-    noisy = [f"{r['impl']} {r['name']} ({r['spread']:.1f}x)" for r in records if r["spread"] > NOISY_SPREAD]
+        lines += [f"Rank classification ({ev.get('dtype', 'float32')}) of {ev['examples']} random {ev['choices']}-"
+                  f"choice items (batch {args.batch_size} examples): one encoder pass "
+                  f"{ev['one_pass_examples_per_s']:.1f} examples/s, naive per-choice forward "
+                  f"{ev['naive_examples_per_s']:.1f} examples/s, speed-up {ev['speedup']:.2f}x (scores agree to "
+                  f"{ev['max_abs_score_diff']:.1e}).", ""]
+    noisy = [f"{r['impl']} {r['name']} {SHORT.get(r.get('dtype'), '')} ({r['spread']:.1f}x)" for r in records
+             if r["kind"] != "peak" and r["spread"] > NOISY_SPREAD]
     if noisy:
-        lines += ["", f"**Noisy:** the slowest timed step exceeded the fastest by more than {NOISY_SPREAD}x for "
-                  f"{', '.join(noisy)}; another process probably competed for the cores. Re-run on a quiet machine."]
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for target, value, met in targets(records):
+        lines += [f"**Noisy:** the slowest timed step exceeded the fastest by more than {NOISY_SPREAD}x for "
+                  f"{', '.join(noisy)}; another process probably competed for the cores. Re-run on a quiet machine.",
+                  ""]
+    lines += ["| target | measured | met |", "|---|---|---|"]
+    for target, value, met in targets(records, getattr(args, "skipped", None)):
         lines.append(f"| {target} | {value} | {VERDICT[met]} |")
-    lines += ["", "Speed ours/peer = peer step time / our step time (above 1: ours faster); memory ours/peer = our "
-              "peak / peer peak (below 1: ours smaller)."]
+    lines += ["", "GFLOP/step: the model's matmul FLOPs per training step (bench_flops.py: forward, plus the "
+              "backward's needed input and weight gradients); of peak = (GFLOP/step / step time) / the matmul peak "
+              "of the same dtype, threads and device (on a GPU in bf16: the MFU). tokens/s ours/peer above 1: ours "
+              "faster; memory ours/peer = our peak / the peer's (below 1: ours smaller)."]
     return "\n".join(lines)
 
 
@@ -191,6 +243,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda", "xla"),
                    help="where to run; cuda when available, else cpu")
+    p.add_argument("--dtypes", default="auto",
+                   help="comma-separated float32, bfloat16 (bf16 autocast, fp32 weights); auto: float32, plus "
+                        "bfloat16 on a GPU / TPU or a CPU with native bf16 matmuls (AVX512-BF16, AMX)")
+    p.add_argument("--peak-n", type=int, default=2048, help="size of the square matmuls that measure the peak")
     p.add_argument("--eval-examples", type=int, default=16, help="rank-classification items for the eval timing")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batches")
     p.add_argument("--peer", action="store_true", help="also run transformers + peft (full, ia3, lora)")
@@ -209,7 +265,20 @@ def parse_args(argv=None):
             p.error(f"--methods: unknown configuration {item!r}; choose from {', '.join(CONFIGS)}, eval, mov, molora")
         chosen += [n for n in names if n not in chosen]
     args.methods = chosen
-    for flag in ("batch_size", "input_len", "target_len", "steps", "threads", "eval_examples"):
+    args.skipped = {}
+    if args.dtypes == "auto":
+        native = args.device != "cpu" or build.cpu_native_bf16()
+        args.dtypes = ["float32"] + (["bfloat16"] if native else [])
+        if not native:
+            args.skipped["bfloat16"] = ("bf16 not measured: this CPU has no native bf16 matmul (AVX512-BF16 or AMX) "
+                                        "and --dtypes auto skips it; --dtypes float32,bfloat16 runs the emulated path "
+                                        "(tens of times slower)")
+    else:
+        args.dtypes = list(dict.fromkeys(d.strip() for d in args.dtypes.split(",") if d.strip()))
+        bad = [d for d in args.dtypes if d not in ("float32", "bfloat16")]
+        if bad or not args.dtypes:
+            p.error(f"--dtypes: expected auto or a comma-separated list of float32, bfloat16, got {bad or '(none)'}")
+    for flag in ("batch_size", "input_len", "target_len", "steps", "threads", "eval_examples", "peak_n"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.warmup < 0:
@@ -232,7 +301,7 @@ def main(argv=None):
     records = []
     try:
         for spec in plan(args):
-            print(f"bench: {spec['impl']} {spec['name']} ...", file=sys.stderr, flush=True)
+            print(f"bench: {spec['impl']} {spec['name']} {spec['dtype']} ...", file=sys.stderr, flush=True)
             record = run_spec(spec, in_process=True) if args.in_process else run_worker(spec)
             records.append(record)
             print(json.dumps(record), file=out, flush=True)

@@ -4,12 +4,13 @@ encoder pass per example against one forward per choice. bench.py runs the confi
 
     record = bench_measure.run_spec({"kind": "train", "impl": "ours", "name": "mov-30", "preset": "small",
                                      "batch_size": 2, "input_len": 256, "target_len": 64, "warmup": 2, "steps": 5,
-                                     "threads": 2, "device": "cpu", "seed": 0})
+                                     "threads": 2, "device": "cpu", "seed": 0, "dtype": "bfloat16"})
 
 What is measured, per configuration, each in a fresh `python bench.py --worker SPEC` process (configurations
 interleaved ours / peer, the first of each pair alternating), with random tokens from a fixed seed, dropout 0.1 as
 in T5's config, no padding, loss = mean token cross-entropy, and adafactor.Adafactor over the trainable
-(requires_grad) parameters for every implementation:
+(requires_grad) parameters for every implementation, in the spec's dtype: float32, or bfloat16 = the forward under
+torch.autocast(bfloat16) with float32 weights, gradients and optimizer (ours and the peer alike):
   - step time: wall time of forward + backward + optimizer step (device synchronised), median over --steps timed
     steps after --warmup steps; throughput = batch * (input_len + target_len) / median step time; the table flags
     a configuration whose slowest timed step (or evaluation round) took over 1.3x its fastest (another process
@@ -19,6 +20,9 @@ in T5's config, no padding, loss = mean token cross-entropy, and adafactor.Adafa
     the model and optimizer exist) minus the RSS before the model was built: weights + gradients + optimizer state
     + activations + allocator slack, imports excluded (each worker first runs one step of the `tiny` preset so
     that lazy imports and thread pools do not count);
+  - model FLOPs: bench_flops.train_step_flops (matmuls only, forward + the backward's needed gradients) per step,
+    and their rate; bench.py divides it by the matmul peak that a "peak" spec measured (bench_flops.matmul_peak:
+    the best of a few 2048^3 matmuls in the same dtype, threads and device, in a worker of its own);
   - on XLA, the number of compilations (torch_xla.debug.metrics 'UncachedCompile') over the timed steps (the
     first two steps compile: Adafactor creates its state in the first; keep --warmup >= 2);
   - evaluation: evaluate.score_choices (one encoder pass per example, every choice decoded against it) against
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import adafactor
+import bench_flops
 import build
 import evaluate
 import t5
@@ -178,8 +183,10 @@ class PeakMemory:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup, steps, seed, memory=None):
-    """Build, then time `steps` training steps after `warmup`; returns a dict of measurements."""
+def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup, steps, seed, memory=None,
+              dtype="float32"):
+    """Build, then time `steps` training steps after `warmup` (dtype bfloat16: under bf16 autocast, fp32 weights);
+    returns a dict of measurements."""
     gc.collect()
     if memory is not None:
         memory.baseline()
@@ -188,7 +195,7 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adafactor.Adafactor(params, lr=3e-4)
     input_ids, decoder_input_ids, targets = random_batch(cfg, batch_size, input_len, target_len, seed, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     synchronize(device)
     if memory is not None:
         memory.reset_peak()
@@ -269,12 +276,12 @@ def score_naive(model, inputs, choices, batch_size, device):
     return out
 
 
-def eval_run(cfg, device, batch_size, examples, input_len, target_len, steps, seed):
+def eval_run(cfg, device, batch_size, examples, input_len, target_len, steps, seed, dtype="float32"):
     """Median wall time of scoring `examples` items, one encoder pass per example vs one forward per choice."""
     torch.manual_seed(seed)
     model = t5.T5(cfg).to(device).eval()
     inputs, choices = random_items(cfg, examples, input_len, target_len, seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     runs = {"one_pass": lambda: evaluate.score_choices(model, inputs, choices, batch_size=batch_size, device=device),
             "naive": lambda: score_naive(model, inputs, choices, batch_size * NUM_CHOICES, device)}
     times, scores = {k: [] for k in runs}, {}
@@ -302,16 +309,24 @@ def run_spec(spec, in_process=False):
     cfg = t5.T5Config.preset(spec["preset"])
     sizes = {k: spec[k] for k in ("batch_size", "input_len", "target_len")}
     t0 = time.perf_counter()
-    if spec["kind"] == "eval":
+    dtype = spec.get("dtype", "float32")
+    if spec["kind"] == "peak":
+        best, times = bench_flops.matmul_peak(getattr(torch, dtype), device, n=spec.get("peak_n", 2048))
+        measured = {"peak_flops_per_s": best, "times": times, "spread": max(times) / min(times)}
+    elif spec["kind"] == "eval":
         measured = eval_run(cfg, device, spec["batch_size"], spec["eval_examples"], spec["input_len"],
-                            spec["target_len"], spec["steps"], spec["seed"])
+                            spec["target_len"], spec["steps"], spec["seed"], dtype)
     else:
         # prime on `tiny`: lazy imports, kernels and thread pools load here, not inside the measurement
-        train_run(spec["impl"], spec["name"], t5.T5Config.preset("tiny"), device, 2, 8, 4, 0, 1, spec["seed"])
+        train_run(spec["impl"], spec["name"], t5.T5Config.preset("tiny"), device, 2, 8, 4, 0, 1, spec["seed"],
+                  dtype=dtype)
         memory = PeakMemory(device, in_process)
         measured = train_run(spec["impl"], spec["name"], cfg, device, warmup=spec["warmup"], steps=spec["steps"],
-                             seed=spec["seed"], memory=memory, **sizes)
+                             seed=spec["seed"], memory=memory, dtype=dtype, **sizes)
         measured["tokens_per_s"] = spec["batch_size"] * (spec["input_len"] + spec["target_len"]) / measured["step_s"]
+        method, experts = CONFIGS[spec["name"]]  # the peer's model is the same model: the same FLOPs
+        measured["model_flops"] = bench_flops.train_step_flops(cfg, method, experts, RANK, **sizes)["total"]
+        measured["model_flops_per_s"] = measured["model_flops"] / measured["step_s"]
         measured["mem_method"] = memory.method
     return {**spec, **measured, "wall_s": time.perf_counter() - t0}
 

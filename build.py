@@ -5,6 +5,7 @@ rebuilt identically by the others:
 
     device = build.resolve_device("auto")                     # TPU (torch-xla), then CUDA, then the CPU
     autocast = build.autocast_enabled("auto", device)         # bf16 autocast where the hardware has it
+    on, line = build.activations("auto", device)              # the same, with the reason, for the log
     model = build.build_model(settings, device)               # backbone + adapters, base weights frozen
 
 `settings` is any object with the run's fields as attributes (train.Config, or a run directory's config.json read
@@ -50,11 +51,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(kind)
 
 
-def autocast_enabled(dtype: str, device: torch.device) -> bool:
-    """Whether activations run under bf16 autocast: --dtype bfloat16, or auto on an accelerator."""
+def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's native bf16 matmul instructions, "AMX-BF16" or "AVX512-BF16", or "" when it has neither (bf16
+    matmuls would then be emulated, slower than fp32). Linux: /proc/cpuinfo's flags; elsewhere torch's cpuinfo."""
+    if os.path.exists(cpuinfo):
+        with open(cpuinfo) as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+        return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else ""
+    cpu = getattr(torch._C, "_cpu", None)
+    if cpu is not None and getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX-BF16"  # every CPU with AMX tiles so far also has AMX-BF16
+    if cpu is not None and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return ""
+
+
+def activations(dtype: str, device: torch.device) -> tuple[bool, str]:
+    """(bf16 autocast on?, a line saying what was picked and why) for --dtype on `device`.
+
+    auto: bf16 autocast on an accelerator (CUDA, XLA) and on a CPU with native bf16 matmuls (cpu_native_bf16),
+    float32 elsewhere. Under autocast the router softmax, the losses, RMSNorm's variance, the logits and the
+    optimizer stay float32 (mov.py, molora.py, t5.py, train.py, adafactor.py)."""
     if dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    return dtype == "bfloat16" or (dtype == "auto" and device.type != "cpu")
+    if dtype != "auto":
+        on = dtype == "bfloat16"
+        return on, f"activations: {'bf16 autocast' if on else 'float32'} (--dtype {dtype})"
+    if device.type != "cpu":
+        return True, f"activations: bf16 autocast (--dtype auto on {device.type})"
+    native = cpu_native_bf16()
+    if native:
+        return True, f"activations: bf16 autocast (--dtype auto: CPU with {native})"
+    return False, "activations: float32 (--dtype auto: this CPU has no native bf16 matmul, AVX512-BF16 or AMX)"
+
+
+def autocast_enabled(dtype: str, device: torch.device) -> bool:
+    """Whether activations run under bf16 autocast: --dtype bfloat16, or auto where bf16 is native (activations)."""
+    return activations(dtype, device)[0]
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -72,22 +105,31 @@ def model_config(settings) -> t5.T5Config:
     else:
         raise ValueError(f"--model {settings.model!r}: the shapes need a preset ({', '.join(('tiny',) + SIZES)}) or "
                          "a directory with config.json")
-    return dataclasses.replace(config, dropout_rate=settings.dropout)
+    return dataclasses.replace(config, **dropout(settings))
+
+
+def dropout(settings) -> dict:
+    """The run's dropout as T5Config fields; dropout_mask defaults to T5X's for run configs written without it."""
+    return dict(dropout_rate=settings.dropout, dropout_mask=getattr(settings, "dropout_mask", "broadcast"))
 
 
 def add_adapters(model: torch.nn.Module, settings) -> torch.nn.Module:
     """Wrap the backbone's layers from outside (mov.py / molora.py); the base weights are frozen by the injector."""
     method = settings.method
+    # the original's router options (src/routing.py); absent from run configs written before them: off
+    router = dict(router_jitter=getattr(settings, "router_jitter", 0.0),
+                  router_bias=getattr(settings, "router_bias", False))
     if method == "mov":
         sentence_dim = None
         if settings.router_input == "sentence":
             from data import SENTENCE_DIM as sentence_dim  # the embedder's width (data.SentenceEmbedder)
         return mov.add_mov(model, settings.experts, top_k=settings.top_k, router_input=settings.router_input,
-                           sentence_dim=sentence_dim)
+                           sentence_dim=sentence_dim, **router)
     if method == "ia3":
         return mov.add_ia3(model)
     if method == "molora":
-        return molora.add_molora(model, settings.experts, rank=settings.rank, alpha=settings.alpha)
+        return molora.add_molora(model, settings.experts, rank=settings.rank, alpha=settings.alpha,
+                                 top_k=settings.top_k, **router)
     if method == "lora":
         return molora.add_lora(model, rank=settings.rank, alpha=settings.alpha)
     if method == "full":
@@ -101,10 +143,12 @@ def build_model(settings, device: torch.device) -> torch.nn.Module:
     if settings.model == "tiny":
         model = t5.T5(model_config(settings))
     else:
-        model = t5.T5.from_pretrained(hub_name(settings.model))
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = settings.dropout
+        loaded = t5.T5.from_pretrained(hub_name(settings.model))
+        # the run's dropout (rate, mask) on the checkpoint's config: rebuilt on meta, the loaded tensors moved in
+        with torch.device("meta"):
+            model = t5.T5(dataclasses.replace(loaded.config, **dropout(settings)))
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        model.train(loaded.training)
     torch.manual_seed(settings.seed + 1)  # adapter init independent of how the backbone was made
     return add_adapters(model, settings).to(device)
 

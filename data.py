@@ -59,6 +59,48 @@ def _source(source, cache_dir=None):
     return Source(demo_dir(cache_dir) if source == "demo" else source)
 
 
+def training_tasks(source, cache_dir=None):
+    """({config: rate}, [missing configs]): the tasks of the source's training table that the source holds (what a
+    Mixture with tasks=None trains on), and the table's other ones. `source`: a name or a p3_source.Source."""
+    src = source if isinstance(source, Source) else _source(source, cache_dir)
+    table = {r["p3_config"]: float(r["mixing_rate"]) for r in src.table(TRAIN_TABLE)}
+    have = src.configs()
+    return {c: r for c, r in table.items() if c in have}, [c for c in table if c not in have]
+
+
+def check_same_mixture(trained, old, new, run_dir, log=print):
+    """Resuming a run (rundir.check_same_run): `trained`, the tasks its checkpoint's Mixture state lists, must be
+    those --data `new` gives. The same tasks elsewhere (a moved mirror, the hub instead of a copy of it) resume
+    with a note when the name changed (`old`: the run's --data); another mixture is refused, naming the difference."""
+    now = list(training_tasks(new)[0])
+    if now == trained:
+        if old not in (None, new):
+            log(f"note: resuming {run_dir} with --data {new} (it trained on --data {old}): the same {len(now)} tasks")
+        return
+    gone, extra = [t for t in trained if t not in now], [t for t in now if t not in trained]
+    shown = [f"{len(names)} {what}" + (f" (e.g. {', '.join(names[:3])})" if names else "")
+             for names, what in ((gone, "of the run's missing"), (extra, "new"))]
+    differ = f"{shown[0]}, {shown[1]}" if gone or extra else "the same names in another order (another table)"
+    raise ValueError(f"run directory {run_dir} trained on another mixture ({len(trained)} tasks" +
+                     (f" of --data {old}" if old is not None else "") + f"); --data {new} gives {len(now)} tasks: "
+                     f"{differ}. Use another --out, or a --data holding the run's tasks to resume it")
+
+
+def _notice(missing, what, where, notice_dir, filename):
+    """One warning line for table configs the source lacks: their count and a few names; with notice_dir, the
+    full list goes to notice_dir/filename (one name a line) and the line names that file."""
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    full = ""
+    if notice_dir:
+        os.makedirs(notice_dir, exist_ok=True)
+        path = os.path.join(notice_dir, filename)
+        with open(f"{path}.tmp-{os.getpid()}", "w") as f:  # data-parallel ranks write the same file
+            f.write("".join(c + "\n" for c in missing))
+        os.replace(f"{path}.tmp-{os.getpid()}", path)
+        full = f"; the list: {path}"
+    warnings.warn(f"{len(missing)} {what} are not in {where}, left out ({shown}){full}", stacklevel=3)
+
+
 # ----------------------------------------------------------------------------------------------- mixture
 class Mixture:
     """The T0 training mixture: examples drawn task by task by mixing rate, trimmed, packed, batched.
@@ -68,13 +110,16 @@ class Mixture:
     {config: rate} dict. sentence_embedder: a callable texts -> [n, D] array; needs pack=False and adds
     "sentence_embeddings" [batch, D] float32 to each batch. max_open bounds how many tasks hold a row group.
 
+    notice_dir: where the full list of missing table configs is written (missing_train_configs.txt; train.py
+    passes the run directory); the warning itself is one line.
+
     stats: examples (served), batches, rows, input_tokens / target_tokens (non-padding tokens served),
     truncated_inputs / truncated_targets, dropped_empty_targets, tokenized_from_text, per_task (examples served),
     epochs (tasks whose stream wrapped: epochs completed), missing_configs (table names the source lacks)."""
 
     def __init__(self, source, seed=0, batch_size=32, input_length=1024, target_length=256, pack=True, tasks=None,
                  split="train", shuffle=True, sentence_embedder=None, tokenizer=None, max_open=64, cache_dir=None,
-                 drop_empty_targets=True):
+                 drop_empty_targets=True, notice_dir=None):
         if sentence_embedder is not None and pack:
             raise ValueError("sentence routing needs one example per row: pass pack=False with sentence_embedder")
         self.source = _source(source, cache_dir)
@@ -84,11 +129,7 @@ class Mixture:
         table = {r["p3_config"]: float(r["mixing_rate"]) for r in self.source.table(TRAIN_TABLE)}
         have, missing = self.source.configs(), []
         if tasks is None:
-            missing = [c for c in table if c not in have]
-            if missing:
-                warnings.warn(f"{len(missing)} of the {len(table)} tasks of {TRAIN_TABLE} are not in "
-                              f"{self.source.name}; left out, rates renormalised: {missing}")
-            tasks = {c: r for c, r in table.items() if c in have}
+            tasks, missing = training_tasks(self.source)
         for c in tasks:
             if c not in have:
                 raise unknown_name_error("config", c, have, self.source.name)
@@ -99,6 +140,9 @@ class Mixture:
             raise ValueError(f"no training task of {TRAIN_TABLE} is in {self.source.name}")
         self.tasks = list(rates)
         self.source.files(self.tasks[0], split)  # an unknown split fails here, not at the first batch
+        if missing:  # only now: a source that fails the checks above leaves notice_dir untouched
+            _notice(missing, f"of the {len(table)} tasks of {TRAIN_TABLE}", f"{self.source.name} (rates "
+                    "renormalised)", notice_dir, "missing_train_configs.txt")
         self.mixing_rates = {c: float(r) for c, r in rates.items()}
         self._cdf = np.cumsum([self.mixing_rates[c] for c in self.tasks])
         self._rng = np.random.Generator(np.random.PCG64(seed))
@@ -167,7 +211,8 @@ class Mixture:
     def state_dict(self):
         """The position in the stream, JSON-serialisable: RNG, per-task positions, pending rows, stats."""
         return json.loads(json.dumps({
-            "version": 1, "tasks": self.tasks, "seed": self.seed, "pack": self.pack, "shuffle": self.shuffle,
+            "version": 1, "tasks": self.tasks, "source_revision": self.source.revision, "seed": self.seed,
+            "pack": self.pack, "shuffle": self.shuffle,
             "lengths": [self.input_length, self.target_length], "batch_size": self.batch_size,
             "rng": self._rng.bit_generator.state,
             "streams": {c: [s.epoch, s.unit, s.row] for c, s in self.streams.items() if s.epoch or s.unit or s.row},
@@ -182,6 +227,9 @@ class Mixture:
                          else f"{state[key]!r} vs {mine[key]!r}")
                 raise ValueError(f"checkpointed data state has a different {key} ({shown}): build the Mixture "
                                  "with the arguments of the run that saved it")
+        if state.get("source_revision") not in (None, self.source.revision):
+            warnings.warn(f"{self.source.name} is now at commit {self.source.revision}, the checkpoint read commit "
+                          f"{state['source_revision']}: rows that changed in between may be served again or skipped")
         self._rng.bit_generator.state = state["rng"]
         for c, s in self.streams.items():
             s.epoch, s.unit, s.row = state["streams"].get(c, [0, 0, 0])
@@ -201,12 +249,14 @@ def _eval_key(dataset, subset):
     return subset.split(".")[0] if dataset == "super_glue" else dataset
 
 
-def load_eval(source, datasets=None, max_examples=None, tokenizer=None, cache_dir=None):
-    """{dataset key: {config: [{"inputs": ids, "choices": [ids ending in EOS], "label": int, "text": str|None}]}}.
+def load_eval(source, datasets=None, max_examples=None, tokenizer=None, cache_dir=None, notice_dir=None):
+    """{dataset key: {config: [{"inputs": ids, "choices": [ids ending in EOS], "label": int|None, "text": str|None}]}}.
 
     `_score_eval` rows are one per (example, choice): idx = [example, choice]; rows are grouped by idx[0] and the
-    choices ordered by idx[1]. datasets=None takes the table rows marked in_MoV_eval; max_examples keeps the first
-    examples of each config."""
+    choices ordered by idx[1]. label: the first choice marked is_correct, or None when none is (such an example
+    counts as wrong, as in T5's `rank_classification`, t5/evaluation/metrics.py: the predicted choice's is_correct).
+    datasets=None takes the table rows marked in_MoV_eval; max_examples keeps the first examples of each config.
+    Configs the source lacks are left out with a one-line warning (full list: notice_dir/missing_eval_configs.txt)."""
     src = _source(source, cache_dir)
     rows = src.table(EVAL_TABLE)
     keys = {_eval_key(r["dataset"], r["subset_or_round"]) for r in rows}
@@ -217,13 +267,14 @@ def load_eval(source, datasets=None, max_examples=None, tokenizer=None, cache_di
                                 else r["in_MoV_eval"] == "True")]
     missing = [r["p3_config"] for r in rows if r["p3_config"] not in src.configs()]
     if missing:
-        warnings.warn(f"{len(missing)} evaluation configs of {EVAL_TABLE} are not in {src.name}; left out: {missing}")
+        _notice(missing, f"evaluation configs of {EVAL_TABLE}", src.name, notice_dir, "missing_eval_configs.txt")
     out, tok = {}, tokenizer
     for r in rows:
         if r["p3_config"] in missing:
             continue
         config, split = r["p3_config"], r["split"].split()[0]
-        table = src.read(config, split)
+        table = src.read(config, split, {"inputs", "targets", "idx", "is_correct", "inputs_pretokenized",
+                                         "targets_pretokenized"})
         names = set(table.column_names)
         for field in ("idx", "is_correct"):
             if field not in names:
@@ -244,11 +295,9 @@ def load_eval(source, datasets=None, max_examples=None, tokenizer=None, cache_di
         for example in sorted(examples)[:max_examples]:
             choices = sorted(examples[example])
             correct = [k for k, (_, i) in enumerate(choices) if cols["is_correct"][i]]
-            if not correct:
-                raise ValueError(f"config {config!r} example {example} has no choice marked is_correct")
             first = choices[0][1]
             items.append({"inputs": cols["inputs"][first], "choices": [cols["targets"][i] for _, i in choices],
-                          "label": correct[0],
+                          "label": correct[0] if correct else None,
                           "text": cols["inputs_pretokenized"][first] if "inputs_pretokenized" in cols else None})
         out.setdefault(_eval_key(r["dataset"], r["subset_or_round"]), {})[config] = items
     return out

@@ -174,7 +174,8 @@ def evaluate(model, eval_sets, *, batch_size=16, input_length=1024, target_lengt
              name="eval"):
     """Rank-classification accuracy of `model` on `eval_sets` ({dataset: {template: [items]}}, data.load_eval).
 
-    Returns {"tasks": {dataset: {template: {"accuracy": %, "examples": n}}}, "datasets", "columns", "average",
+    Returns {"tasks": {dataset: {template: {"accuracy": %, "examples": n, "no_correct": examples without a correct
+    choice (label None: counted wrong, as T5's rank_classification)}}}, "datasets", "columns", "average",
     "average_over", "meta", and with routing_sites "routing": {site: {dataset: {template: [mean prob per
     expert]}}}}. With out_dir, writes eval.json, eval.md (and routing.csv, routing.png). Sentence-routed MoV
     models route on `sentence_embedder(texts)` -> [n, D] of the items' "text" (default: data.SentenceEmbedder()).
@@ -216,8 +217,9 @@ def evaluate(model, eval_sets, *, batch_size=16, input_length=1024, target_lengt
                     input_length=_bucket(max(len(x) for x in inputs), input_length),
                     target_length=_bucket(max(len(c) for chs in choices for c in chs), target_length),
                     routing_sites=routing_sites, progress=bar)
-                correct = [predict(s) == it["label"] for s, it in zip(scores, items)]
-                tasks[dataset][template] = {"accuracy": 100.0 * float(np.mean(correct)), "examples": len(items)}
+                correct = [it["label"] is not None and predict(s) == it["label"] for s, it in zip(scores, items)]
+                tasks[dataset][template] = {"accuracy": 100.0 * float(np.mean(correct)), "examples": len(items),
+                                            "no_correct": sum(it["label"] is None for it in items)}
                 for site, (sums, counts) in routed.items():
                     routing[site].setdefault(dataset, {})[template] = {
                         "sums": sums.sum(0).tolist(), "tokens": float(counts.sum())}
@@ -264,14 +266,17 @@ def add_model_flags(p):
     p.add_argument("--rank", type=int, default=4, help="with --adapter: LoRA rank of lora / molora")
     p.add_argument("--alpha", type=float, default=16.0, help="with --adapter: LoRA alpha")
     p.add_argument("--top-k", type=int, default=None,
-                   help="with --adapter: top-k routing of mov (default: none, soft routing)")
+                   help="with --adapter: top-k routing of mov / molora (default: none, soft routing)")
+    p.add_argument("--router-bias", action="store_true", help="with --adapter: its routers have a bias (trained "
+                   "with train.py --router-bias)")
     p.add_argument("--router-input", default="token", choices=("token", "sentence"),
                    help="with --adapter: what the mov router reads")
     p.add_argument("--seed", type=int, default=0, help="seed of --model tiny's random weights")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "xla"),
                    help="auto: TPU through torch-xla, then CUDA, then CPU")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="activations: auto = bf16 autocast on accelerators, fp32 on CPU (scores always in fp32)")
+                   help="activations: auto = bf16 autocast on accelerators and on CPUs with native bf16 matmuls, "
+                   "else fp32 (scores always in fp32)")
 
 
 def check_model_flags(p, args):
@@ -331,7 +336,8 @@ def load_model(args, device):
     method = args.method if args.adapter is not None else "none"
     settings = types.SimpleNamespace(method=args.method if args.adapter is not None else "full",
                                      experts=args.experts, rank=args.rank, alpha=args.alpha, top_k=args.top_k,
-                                     router_input=args.router_input, model=args.model, seed=args.seed, dropout=0.0)
+                                     router_input=args.router_input, router_bias=args.router_bias, model=args.model,
+                                     seed=args.seed, dropout=0.0)
     model = build.build_model(settings, torch.device("cpu"))
     if args.adapter is not None:
         path = args.adapter
@@ -379,3 +385,6 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (OSError, ValueError) as err:  # bad input, unreachable or damaged files: the message, no traceback
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C: the result files are written at the end, each atomically
+        print("error: interrupted before the results were written", file=sys.stderr)
+        sys.exit(130)

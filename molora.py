@@ -15,6 +15,14 @@ Defaults: rank 4, alpha 16 (scale 4); the released MoLORA config uses 10 experts
 Shapes and names as the original: MoLORA `lora_A` [E, d_in, r], `lora_B` [E, r, d_out], `lora_router` [d_in, E]
 (the original's `router/.../kernel`); LoRA `lora_A` [d_in, r], `lora_B` [r, d_out]. Set `record_routing = True` on
 a layer to keep its last routing probabilities (float32, detached) in `last_routing` [..., E].
+Router options of the original's `src/routing.py` `Router`, all off in its released configs (and by default here),
+the same as mov.py's (whose docstring has the details and citations):
+  - top_k: softmax over all experts, keep the k largest, no renormalisation (`Router.top_k`, `_top_k_mask`).
+  - router_jitter=eps: training only, x * U[1-eps, 1+eps] per element before the router (jitter_noise).
+  - router_bias=True: p = softmax(x @ W_r + b_r), b_r [E] zero-initialised (`RouterWeights.use_bias`),
+    `lora_router_bias`.
+  - aux_loss / record_stats (layer attributes): the forward keeps Switch Transformer's load-balancing loss in
+    `last_aux_loss` (`load_balance_loss(model)` averages them) / on-device routing statistics in `last_stats`.
 Freezing: `add_molora(..., freeze_base=True)` (the default) freezes the base model's weights and only those: a
 parameter that its module lists in `adapter_param_names` (this file's layers, mov.py's) keeps its state, so adapters
 stack. `freeze_base(model)` does the same alone. A target that is itself a wrapped layer (anything with
@@ -31,6 +39,8 @@ Deliberate deviations from the original:
     rounding differs. No option restores it (it only costs memory).
   - Adapter parameters are created in float32 on the base weight's device (meta included), whatever its dtype;
     A x and B(.) run in the activation's dtype (the original's bf16 `dtype`), the router in float32 as there.
+  - router_jitter acts in training only (flaxformer's MoeLayer: apply_jitter=enable_dropout); the original's MoLoRa
+    leaves apply_jitter at True, so a nonzero jitter_noise would perturb evaluation too (its configs set 0).
 """
 import contextlib
 
@@ -38,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ADAPTER_PARAM_NAMES = ("lora_A", "lora_B", "lora_router")
+ADAPTER_PARAM_NAMES = ("lora_A", "lora_B", "lora_router", "lora_router_bias")
 TARGETS = ("q", "k", "v", "o", "wi_0", "wo")  # T5's attention projections and FFN input/output (not wi_1)
 
 
@@ -52,6 +62,55 @@ def _fp32(device):
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()  # meta and other devices without autocast
+
+
+def route(x, kernel, top_k=None, bias=None, jitter=0.0):
+    """(probs, full), [..., d] x [d, E] -> [..., E] each: full = softmax((x * u) @ kernel + bias) in float32, with
+    u ~ U[1 - jitter, 1 + jitter] per element (none at jitter 0); probs = full, or with top_k all but the k largest
+    zeroed, not renormalised (the original's `Router._compute_router_probabilities`)."""
+    with _fp32(x.device):
+        x = x.float()
+        if jitter:
+            x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
+        logits = x @ kernel.float()
+        if bias is not None:
+            logits = logits + bias.float()
+        full = probs = torch.softmax(logits, dim=-1)
+    if top_k is not None:  # one-hot mask of the k largest (static shapes: topk + scatter)
+        probs = probs * torch.zeros_like(probs).scatter(-1, probs.topk(top_k, dim=-1).indices, 1.0)
+    return probs, full
+
+
+def balance_loss(full, top_k=None):
+    """Switch Transformer's load-balancing loss of one router site: E^2 * mean over rows b and experts e of
+    f_be * P_be, with P_be the mean router probability of e over row b's tokens and f_be the fraction of them
+    routed to e (in the top_k set; the argmax for soft routing). As mov.py's `balance_loss` (see there)."""
+    E = full.shape[-1]
+    p = full.float().reshape(full.shape[0] if full.dim() > 2 else 1, -1, E)  # [rows, tokens, E]
+    routed = torch.zeros_like(p).scatter(-1, p.topk(top_k or 1, dim=-1).indices, 1.0)  # no gradient
+    return (routed.mean(1) * p.mean(1)).mean() * E ** 2
+
+
+def routing_stats(full, mask=None):
+    """[2 + E] float32, detached: the sum of the routing entropies in nats, the number of tokens, each expert's summed
+    probability, over the tokens `mask` (full's leading shape, 1 = real) marks; every token when mask is None."""
+    p = full.detach().float()
+    if mask is None:
+        mask = torch.ones(p.shape[:-1], device=p.device)
+    elif tuple(p.shape[:mask.dim()]) != tuple(mask.shape):
+        raise ValueError(f"routing-statistics mask {list(mask.shape)} does not lead the routing {list(p.shape)}")
+    p = p.reshape(*mask.shape, -1, p.shape[-1])  # [..., 1, E]
+    w = mask.to(p.device, torch.float32).unsqueeze(-1).expand(p.shape[:-1])
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    return torch.cat([(entropy * w).sum().view(1), w.sum().view(1), (p * w.unsqueeze(-1)).flatten(0, -2).sum(0)])
+
+
+def load_balance_loss(model):
+    """The mean of `last_aux_loss` over the layers of `model` with aux_loss on (None if there are none), as T5X's
+    MoE models average per-layer auxiliary losses (t5x/contrib/moe/models.py `_extract_diversity_metrics`)."""
+    losses = [m.last_aux_loss for m in model.modules()
+              if getattr(m, "aux_loss", False) and getattr(m, "last_aux_loss", None) is not None]
+    return torch.stack(losses).mean() if losses else None
 
 
 def freeze_base(model):
@@ -69,14 +128,15 @@ class MoLoRALinear(nn.Module):
     another wrapper (e.g. mov.py's MoVLinear) is kept whole as `base`, and y = base(x) + the update.
 
     num_experts=None is plain LoRA with the original's shapes: lora_A [d_in, r], lora_B [r, d_out], no router.
-    Otherwise lora_A [E, d_in, r], lora_B [E, r, d_out], lora_router [d_in, E].
+    Otherwise lora_A [E, d_in, r], lora_B [E, r, d_out], lora_router [d_in, E] (and lora_router_bias [E]).
     """
-    adapter_param_names = ("lora_A", "lora_B", "lora_router")
+    adapter_param_names = ("lora_A", "lora_B", "lora_router", "lora_router_bias")
 
-    def __init__(self, linear, rank=4, alpha=16, num_experts=None):
+    def __init__(self, linear, rank=4, alpha=16, num_experts=None, top_k=None, router_jitter=0.0, router_bias=False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rank, self.alpha, self.num_experts = rank, alpha, num_experts
+        self.top_k, self.router_jitter = top_k, router_jitter
         if isinstance(linear, nn.Linear):
             self.weight = linear.weight  # the same Parameter object: `...q.weight` keeps its name
             self.register_parameter("bias", linear.bias)
@@ -90,18 +150,24 @@ class MoLoRALinear(nn.Module):
         if num_experts is not None:
             self.lora_router = nn.Parameter(torch.empty(self.in_features, num_experts, device=device))
             nn.init.normal_(self.lora_router, std=0.02)
-        self.record_routing = False
-        self.last_routing = None
+            bias = nn.Parameter(torch.zeros(num_experts, device=device)) if router_bias else None
+            self.register_parameter("lora_router_bias", bias)
+        self.record_routing, self.aux_loss, self.record_stats = False, False, False
+        self.last_routing = self.last_aux_loss = self.last_stats = self.stats_mask = None
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias) if hasattr(self, "weight") else self.base(x)  # [b, L, d_out]
         if self.num_experts is None:
             delta = (x @ self.lora_A.to(x.dtype)) @ self.lora_B.to(x.dtype)  # [b, L, r] -> [b, L, d_out]
         else:
-            with _fp32(x.device):
-                probs = torch.softmax(x.float() @ self.lora_router.float(), dim=-1)  # [b, L, E]
+            probs, full = route(x, self.lora_router, self.top_k, self.lora_router_bias,
+                                self.router_jitter if self.training else 0.0)  # [b, L, E] each
             if self.record_routing:
                 self.last_routing = probs.detach()
+            if self.aux_loss:
+                self.last_aux_loss = balance_loss(full, self.top_k)
+            if self.record_stats:
+                self.last_stats = routing_stats(full, self.stats_mask)
             # Two plain matmuls over the experts' ranks stacked (E*r columns): einsum's generic path was ~2x slower
             # on CPU, forward + backward. A as [d_in, E*r], B as [E*r, d_out].
             a = self.lora_A.to(x.dtype).transpose(0, 1).reshape(self.in_features, -1)  # [d_in, E*r]
@@ -113,26 +179,35 @@ class MoLoRALinear(nn.Module):
 
     def extra_repr(self):
         experts = "lora" if self.num_experts is None else f"experts={self.num_experts}"
+        experts += f", top_k={self.top_k}" if self.top_k is not None else ""
+        experts += f", router_jitter={self.router_jitter}" if self.router_jitter else ""
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, {experts}"
 
 
-def add_molora(model, num_experts, rank=4, alpha=16, targets=TARGETS, freeze_base=True):
+def add_molora(model, num_experts, rank=4, alpha=16, targets=TARGETS, freeze_base=True, top_k=None,
+               router_jitter=0.0, router_bias=False):
     """Wrap every Linear named by `targets` with MoLORA; the new parameters train, and with freeze_base the base
     model's weights are frozen (see `freeze_base`); return the model.
 
     A target matches a module whose dotted name equals it or ends with "." + target (T5: q, k, v, o, wi_0, wo).
+    top_k, router_jitter, router_bias: see the module docstring.
     """
     if not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    return _inject(model, targets, rank, alpha, num_experts, freeze_base)
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= num_experts):
+        raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}] or None, got {top_k!r}")
+    if not 0 <= router_jitter < 1:
+        raise ValueError(f"router_jitter must be in [0, 1) (noise U[1 - eps, 1 + eps]), got {router_jitter!r}")
+    router = dict(top_k=top_k, router_jitter=router_jitter, router_bias=bool(router_bias))
+    return _inject(model, targets, rank, alpha, num_experts, freeze_base, router)
 
 
 def add_lora(model, rank=4, alpha=16, targets=TARGETS, freeze_base=True):
     """Wrap the same Linears with plain LoRA (one expert, no router); as add_molora for freezing."""
-    return _inject(model, targets, rank, alpha, None, freeze_base)
+    return _inject(model, targets, rank, alpha, None, freeze_base, {})
 
 
-def _inject(model, targets, rank, alpha, num_experts, freeze):
+def _inject(model, targets, rank, alpha, num_experts, freeze, router):
     """Replace every matched Linear by its wrapper (setattr on the parent); new parameters train, base ones freeze."""
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
@@ -153,7 +228,7 @@ def _inject(model, targets, rank, alpha, num_experts, freeze):
                              "in_features and out_features); pass targets= naming this model's Linear layers")
         hits[target] += 1
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, MoLoRALinear(module, rank, alpha, num_experts))
+        setattr(model.get_submodule(parent_name), leaf, MoLoRALinear(module, rank, alpha, num_experts, **router))
     missing = [t for t, n in hits.items() if n == 0]
     if missing:
         raise ValueError(f"targets {missing} matched no module of {type(model).__name__}; pass targets= with this "

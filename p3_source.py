@@ -14,10 +14,11 @@ The task tables (p3/t0_train_tasks.tsv, p3/t0_eval_tasks.tsv; p3/README.md says 
 ("Pushing Mixture of Experts to the Limit", arXiv 2309.05444, section 3) evaluate on.
 
 Deliberate deviations from the original (each keeps the distribution; none changes what an example contains):
-- Reading: the hub's files are resolved by `datasets` (`load_dataset_builder(...).config.data_files`, the README's
-  config -> files map) and read with pyarrow one parquet row group at a time, not through `datasets`' streaming
-  iterator: a resume then seeks through parquet metadata (three ints per task) instead of re-reading the stream
-  (`IterableDataset.skip(n)` reads n rows). Hub and local sources differ only in how the file list is found.
+- Reading: the hub's files are found by one recursive listing of the repository at a pinned commit (hub_io.py), not
+  by `datasets` (whose `load_dataset_builder` re-parses P3's 1.5 MB README per config), and read with pyarrow one
+  parquet row group at a time by HTTP range requests, not through `datasets`' streaming iterator: a resume then
+  seeks through parquet metadata (three ints per task) instead of re-reading the stream (`IterableDataset.skip(n)`
+  reads n rows). Hub and local sources differ only in how the file list is found and how bytes are fetched.
 - Shuffling: seqio shuffles each task's files and examples with a buffer. Here each epoch of a task visits its row
   groups in a random order and each row group's rows in a random order, both drawn from (seed, config, epoch), so
   the state is a position and memory is one row group per open task. `shuffle=False` reads every task in order.
@@ -26,18 +27,26 @@ import csv
 import difflib
 import glob
 import os
-import re
 import zlib
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import hub_io
 from tokenizer import EOS, Tokenizer
 
 P3_HUB = "bigscience/P3"
 TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "p3")
 TRAIN_TABLE, EVAL_TABLE = "t0_train_tasks.tsv", "t0_eval_tasks.tsv"
+
+
+def unreadable_error(path, config, err, local=True):
+    """The error for a parquet file that cannot be read (truncated, corrupt, not parquet), naming it and its config."""
+    fix = ("fetch the file again, or move the config's folder out of a local source to leave the task out" if local
+           else "the hub's copy is damaged: pass --data a local mirror holding a good copy, or leave the config out "
+           "(data.Mixture(tasks=...))")
+    return ValueError(f"{path} (config {config!r}) cannot be read as parquet ({type(err).__name__}: {err}); {fix}")
 
 
 def unknown_name_error(kind, name, known, where):
@@ -48,24 +57,53 @@ def unknown_name_error(kind, name, known, where):
 
 
 class Source:
-    """Where P3-layout parquet lives. Hub: files resolved by `datasets` from the repo's config -> data_files map.
-    Local directory: `<dir>/<config>/<split>-*.parquet`. Both are then read by pyarrow through fsspec.
-    (`data` resolves the name "demo" to demo_data.demo_dir() before it gets here.)"""
+    """Where P3-layout parquet lives: a local directory (`<dir>/<config>/<split>-*.parquet`), else a hub dataset
+    repository in the same layout, listed once at a pinned commit and read by byte ranges (hub_io.py). An existing
+    directory wins over a hub name. (`data` resolves the name "demo" to demo_data.demo_dir() before it gets here.)"""
 
     def __init__(self, source):
         self.name = os.fspath(source)
-        self.local = os.path.isdir(self.name)
-        if not self.local and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.name):
-            raise ValueError(f"source {source!r} is neither a directory nor a hub dataset name like {P3_HUB!r}")
+        self.local, self.hub, self.revision = os.path.isdir(self.name), None, None
+        if not self.local:
+            self.hub = self._snapshot()
+            self.revision = self.hub.sha
         self._configs, self._files = None, {}
+
+    def _snapshot(self):
+        """The hub repository `self.name` names, or an error saying it is neither a directory nor on the hub."""
+        state = "not a directory" if os.path.exists(self.name) else "no such directory"
+        missing = f"data source {self.name!r}: {state} ({os.path.abspath(self.name)})"
+        fix = (f"pass a directory in P3's layout (<dir>/<config>/<split>-*.parquet), a hub dataset name like "
+               f"{P3_HUB!r}, or demo")
+        if not hub_io.could_be_repo_id(self.name):
+            raise FileNotFoundError(f"{missing}; {fix}")
+        try:
+            return hub_io.snapshot(self.name)
+        except hub_io.HubError as e:
+            if e.reason.startswith("no dataset repository"):
+                raise FileNotFoundError(f"{missing}, and {e.reason}; {fix}") from e
+            raise OSError(f"{missing}, and {e.reason}. Without the hub: `huggingface-cli download {self.name} "
+                          "--repo-type dataset --local-dir DIR` where it is reachable, then pass DIR") from e
+
+    def describe(self, path):
+        """A file's name in messages: the local path, or its hf:// address at the pinned commit."""
+        return path if self.local else self.hub.describe(path)
+
+    def _layout(self):
+        """{config: {split: [files]}} of the hub snapshot: `<config>/<split>-*.parquet` at the repository root."""
+        if not self._files:
+            for path in sorted(self.hub.files):
+                config, _, name = path.partition("/")
+                if name and "/" not in name and name.endswith(".parquet"):
+                    self._files.setdefault(config, {}).setdefault(name.split("-")[0], []).append(path)
+        return self._files
 
     def configs(self):
         if self._configs is None:
             if self.local:
                 self._configs = {d for d in os.listdir(self.name) if os.path.isdir(os.path.join(self.name, d))}
             else:
-                import datasets
-                self._configs = set(datasets.get_dataset_config_names(self.name))
+                self._configs = set(self._layout())
         return self._configs
 
     def table(self, filename):
@@ -77,19 +115,16 @@ class Source:
     def files(self, config, split):
         if config not in self.configs():
             raise unknown_name_error("config", config, self.configs(), self.name)
-        if (config, split) not in self._files:
-            if self.local:
-                folder = glob.escape(os.path.join(self.name, config))
-                found = {split: sorted(glob.glob(os.path.join(folder, glob.escape(split) + "-*.parquet")))}
-                splits = {os.path.basename(p).split("-")[0] for p in glob.glob(os.path.join(folder, "*.parquet"))}
-            else:
-                import datasets
-                data_files = datasets.load_dataset_builder(self.name, config).config.data_files
-                found, splits = {s: list(f) for s, f in data_files.items()}, set(data_files)
-            if not found.get(split):
-                raise unknown_name_error("split", split, splits, f"{self.name}/{config}")
-            self._files[(config, split)] = found[split]
-        return self._files[(config, split)]
+        if self.local:
+            folder = glob.escape(os.path.join(self.name, config))
+            found = sorted(glob.glob(os.path.join(folder, glob.escape(split) + "-*.parquet")))
+            splits = {os.path.basename(p).split("-")[0] for p in glob.glob(os.path.join(folder, "*.parquet"))}
+        else:
+            splits = self._layout()[config]
+            found = splits.get(split)
+        if not found:
+            raise unknown_name_error("split", split, splits, f"{self.name}/{config}")
+        return found
 
     def tokenizer(self):
         """The source directory's spiece.model (the demo ships one), for text that has no token ids."""
@@ -99,19 +134,35 @@ class Source:
                              "tokenizer=data.Tokenizer.from_pretrained(<the model's name or directory>)")
         return Tokenizer(path)
 
-    @staticmethod
-    def open(path):
-        import fsspec
-        fs, p = fsspec.core.url_to_fs(path)  # a local path, or hf://datasets/... through huggingface_hub
-        return fs.open(p, "rb")
+    def _parquet(self, config, path, read):
+        """read(file) on the open file (a pyarrow OSFile, or a hub_io.HubFile), errors naming the file and config."""
+        try:
+            with pa.OSFile(path) if self.local else self.hub.open(path) as f:
+                return read(f)
+        except pa.ArrowException as e:
+            raise unreadable_error(self.describe(path), config, e, self.local) from e
 
-    def read(self, config, split, columns=None):
-        """All rows of a (small) config: the evaluation sets."""
-        tables = []
-        for path in self.files(config, split):
-            with self.open(path) as f:
-                tables.append(pq.read_table(f, columns=columns))
-        return pa.concat_tables(tables)
+    def metadata(self, config, path):
+        """The parquet footer (one range request on the hub)."""
+        return self._parquet(config, path, lambda f: pq.ParquetFile(f).metadata)
+
+    def read_row_group(self, config, path, meta, group, columns):
+        """Row group `group` of the file whose footer is `meta`, these columns only (one range request on the hub)."""
+        def read(f):
+            if not self.local:
+                f.prefetch(hub_io.column_spans(meta, [group], columns))
+            return pq.ParquetFile(f, metadata=meta).read_row_group(group, columns=columns)
+        return self._parquet(config, path, read)
+
+    def read(self, config, split, columns):
+        """All rows of a (small) config, those of `columns` that it has: the evaluation sets."""
+        def read(f):
+            pf = pq.ParquetFile(f)
+            names = [c for c in pf.schema_arrow.names if c in columns]
+            if not self.local:
+                f.prefetch(hub_io.column_spans(pf.metadata, range(pf.metadata.num_row_groups), names))
+            return pf.read(columns=names)
+        return pa.concat_tables([self._parquet(config, path, read) for path in self.files(config, split)])
 
 
 def _ids(column):
@@ -122,19 +173,18 @@ def _ids(column):
 
 class TaskStream:
     """One template task read row by row, epoch after epoch. Its position (epoch, unit, row) is the checkpoint;
-    `unit` indexes the epoch's row-group order. Holds at most one row group's columns."""
+    `unit` indexes the epoch's row-group order. Holds its files' footers and at most one row group's columns."""
 
     def __init__(self, source, config, split, seed, shuffle, need_text):
         self.source, self.config, self.split, self.seed, self.shuffle = source, config, split, seed, shuffle
         self.need_text, self.salt = need_text, zlib.crc32(config.encode())
         self.epoch = self.unit = self.row = 0
-        self.units, self.fields, self.data = None, None, None
+        self.units, self.fields, self.data, self.meta = None, None, None, {}
 
     def _open(self):
-        self.units = []
+        self.units, self.meta = [], {}
         for path in self.source.files(self.config, self.split):
-            with self.source.open(path) as f:
-                meta = pq.ParquetFile(f).metadata
+            meta = self.meta[path] = self.source.metadata(self.config, path)
             self.fields = self.fields or set(meta.schema.to_arrow_schema().names)
             self.units += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
                            if meta.row_group(g).num_rows]
@@ -154,8 +204,7 @@ class TaskStream:
         ids = [f for f in ("inputs", "targets") if f in self.fields]
         text = [f + "_pretokenized" for f in ("inputs", "targets")
                 if f + "_pretokenized" in self.fields and (f not in self.fields or self.need_text)]
-        with self.source.open(path) as f:
-            table = pq.ParquetFile(f).read_row_group(group, columns=ids + text)
+        table = self.source.read_row_group(self.config, path, self.meta[path], group, ids + text)
         self.data = {f: _ids(table.column(f)) for f in ids}
         self.data.update({f: table.column(f).to_pylist() for f in text})
         self.data["order"] = self._rng(int(self.unit)).permutation(n) if self.shuffle else np.arange(n)

@@ -107,4 +107,8 @@ def write_outputs(results, out_dir, compare=None, name="eval"):
     for dataset in ordered(results["tasks"]):
         for template, r in sorted(results["tasks"][dataset].items()):
             lines.append(f"| {dataset} | {template} | {r['examples']} | {r['accuracy']:.2f} |")
+    no_correct = sum(r.get("no_correct", 0) for ts in results["tasks"].values() for r in ts.values())
+    if no_correct:
+        lines += ["", f"{no_correct} examples have no choice marked is_correct; each counts as wrong, as in T5's "
+                  "`rank_classification` (t5/evaluation/metrics.py). Per template: `no_correct` in the JSON."]
     rundir.write_atomic(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")

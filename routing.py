@@ -8,13 +8,23 @@ their `record_routing` is set.
     layers = routing.routed_layers(model, ["decoder.block.1.layer.2.DenseReluDense.act"])
     sums, tokens = routing.token_sums(name, probs, enc_mask, tok_mask, rows, num_choices)
     routing.write_routing(results, "runs/mov-30")         # routing.csv and routing.png
+
+`Monitor` is the training-time side: routing health (entropy, expert load) and the load-balancing loss, on device.
 """
+import contextlib
 import csv
 import os
+import re
+import sys
 
 import numpy as np
+import torch
 
 import report
+
+COLLAPSED = 0.9  # a site whose busiest expert takes more than this mean routing probability is reported once
+# Sites that route encoder positions: encoder layers and the decoder's cross-attention keys / values.
+_ENCODER_SIDE = re.compile(r"^encoder\.|\.EncDecAttention\.(k|v)(\.|$)")
 
 
 def default_sites(model):
@@ -106,3 +116,78 @@ def write_routing(results, out_dir):
     fig.savefig(tmp.replace("routing.csv", "routing.png"), dpi=120, format="png")
     os.replace(tmp.replace("routing.csv", "routing.png"), os.path.join(out_dir, "routing.png"))
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- training health
+class Monitor:
+    """Routing health of a training run, computed on the device (no host sync per step), for train.py's log.
+
+    Every routed layer (mov.py / molora.py) of `model` records per-forward statistics (`record_stats`: entropy sum,
+    token count, per-expert probability sums of the router softmax, over real tokens only: `masks` sets each
+    layer's mask from the batch's segment ids, encoder or decoder side by the layer's name) and, with aux_loss, its
+    load-balancing loss (`aux_loss`). Per step:
+      router_entropy   mean over router sites of the mean over real tokens of the routing entropy in nats
+                       (attention sites route per head: each head's distribution counts as one); ln E when uniform
+      expert_load_max  max over router sites of max_e (mean routing probability of expert e over real tokens);
+                       1/E when balanced, 1 when collapsed onto one expert
+      load_balance_loss  mean over sites of Switch Transformer's loss (mov.balance_loss): T5X's MoE models average
+                       the per-layer auxiliary losses (t5x/contrib/moe/models.py `_extract_diversity_metrics`). As
+                       the original (ignore_padding_tokens=False) it counts every position, padding included.
+    Statistics use the full softmax, before any top-k mask. A model without routed layers gives nothing (None).
+    """
+
+    def __init__(self, model, aux_loss=False):
+        modules = model.named_modules() if model is not None else ()  # None: a monitor of nothing
+        self.sites = [(n, m) for n, m in modules if getattr(m, "num_experts", None) is not None
+                      and hasattr(m, "record_stats")]
+        self.aux_loss, self.warned = aux_loss, set()
+        self.encoder_side = [bool(_ENCODER_SIDE.search(n)) for n, _ in self.sites]
+        for _, m in self.sites:
+            m.record_stats, m.aux_loss = True, aux_loss
+
+    @contextlib.contextmanager
+    def masks(self, batch):
+        """Within the block, each site's statistics cover the real tokens of `batch` (segment id > 0)."""
+        if self.sites:
+            enc, dec = ((batch[k] > 0).float() for k in ("encoder_segment_ids", "decoder_segment_ids"))
+            for (_, m), encoder in zip(self.sites, self.encoder_side):
+                m.stats_mask = enc if encoder else dec
+        try:
+            yield
+        finally:
+            for _, m in self.sites:
+                m.stats_mask = None
+
+    def balance_loss(self):
+        """This forward's load-balancing loss, the mean over sites (with its graph); None without routed sites."""
+        return torch.stack([m.last_aux_loss for _, m in self.sites]).mean() if self.sites else None
+
+    def collect(self, balance=None):
+        """This forward's per-site statistics (and its detached balance loss), to pass to `reduce`."""
+        return [m.last_stats for _, m in self.sites], None if balance is None else balance.detach()
+
+    def reduce(self, collected):
+        """One step's values from its micro-batches' `collect`s, a 1-D tensor on the device: [load_balance_loss
+        (with aux_loss), router_entropy, expert_load_max, each site's expert load max]; None without sites."""
+        if not self.sites:
+            return None
+        per_site = [sum(parts) for parts in zip(*(stats for stats, _ in collected))]  # [2 + E] each, summed
+        entropy = torch.stack([s[0] / s[1].clamp_min(1.0) for s in per_site])  # [sites]
+        load = torch.stack([s[2:].max() / s[1].clamp_min(1.0) for s in per_site])  # [sites]
+        head = [entropy.mean(), load.max()]
+        if self.aux_loss:
+            head.insert(0, torch.stack([b for _, b in collected]).mean())
+        return torch.cat([torch.stack(head), load])
+
+    def fields(self, step, values):
+        """The log line's fields from `reduce`'s values (floats, on the host); warns once per site on stderr when its
+        expert load passes COLLAPSED."""
+        values = list(values)
+        out = {"load_balance_loss": values.pop(0)} if self.aux_loss else {}
+        out.update(router_entropy=values[0], expert_load_max=values[1])
+        for (name, _), load in zip(self.sites, values[2:]):
+            if load > COLLAPSED and name not in self.warned:
+                self.warned.add(name)
+                print(f"warning: router site {name} collapsed at step {step}: one expert takes {load:.3f} of the "
+                      f"routing (> {COLLAPSED}); try --load-balance-weight or --router-jitter", file=sys.stderr)
+        return out

@@ -10,16 +10,22 @@ command. This file is that directory for train.py, evaluate.py and generate.py:
                                          fine-tuning), optimizer.pt (Adafactor and RNG state: tensors, ints and
                                          floats only), state.json (step, data-pipeline position, settings)
 
-Guarantees:
+Guarantees (tests/test_rundir.py kills, damages and fills the disk under each):
   - Every file is written to a temporary name, flushed, fsynced and renamed into place; a checkpoint is a
-    temporary directory renamed once complete. Pruning renames an old checkpoint away before deleting it, so a
-    kill never leaves an incomplete directory under a checkpoint's name. Leftover temporaries are removed at start.
-  - Resume takes the newest checkpoint that loads completely; damaged ones are skipped with a one-line notice.
+    temporary directory renamed once complete (and once the log lines up to its step are fsynced). Pruning renames
+    an old checkpoint away before deleting it, so a kill never leaves an incomplete directory under a checkpoint's
+    name. Leftover temporaries are removed at start.
+  - config.json is written only after check_same_run and resume (train.main); a damaged one is stood in for by the
+    settings in the newest checkpoint's state.json, then rewritten.
+  - Resume takes the newest checkpoint that loads completely; damaged ones are skipped with a one-line notice. The
+    log is cut back to the resumed step, torn lines dropped.
   - Nothing is unpickled: tensors go through safetensors, optimizer state through `torch.load(weights_only=True)`
     (plain tensors and numbers only, no code), the rest through JSON.
-  - Errors are `RunDirError` (a ValueError) or `OSError`s whose message names the file and the fix.
+  - Errors are `RunDirError` (a ValueError) or `OSError`s whose message names the file and the fix; a full disk
+    says so and names the newest intact checkpoint.
 """
 import errno
+import io
 import json
 import os
 import re
@@ -34,8 +40,10 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE)
+LOG_FILE = "log.jsonl"
 # The settings that make a checkpoint belong to a run: another value refuses to resume it.
-IDENTITY = ("method", "experts", "rank", "alpha", "top_k", "router_input", "model")
+IDENTITY = ("method", "experts", "rank", "alpha", "top_k", "router_input", "router_bias", "model")
+_ADDED_LATER = {"router_bias": False}  # identity settings that older run directories do not record
 _TEMP = re.compile(r"\.(tmp|trash)-.*|.*\.tmp-\d+")
 
 
@@ -74,22 +82,25 @@ def write_atomic(path, content):
 
 
 def _no_space(err, what, run_dir):
-    """An OSError for a full disk that says so and names the newest intact checkpoint."""
-    if getattr(err, "errno", None) != errno.ENOSPC:
-        return err
+    """The OSError to raise when writing `what` failed: for a full disk, one that says so and names the newest
+    intact checkpoint. safetensors reports I/O errors as its own SafetensorError, whose text ends in Rust's
+    "(os error N)"; it becomes an OSError naming `what`."""
+    full = getattr(err, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(err)
+    if not full:
+        return err if isinstance(err, OSError) else OSError(f"could not write {what} ({err})")
     found = checkpoints(run_dir)
     newest = found[-1][1] if found else "none yet"
     return OSError(errno.ENOSPC, f"no space left on the disk while writing {what}; the newest intact checkpoint "
                                  f"is {newest}. Free disk space and run the same command to resume")
 
 
-def read_json(path, what="file"):
-    """A JSON file's content, or RunDirError naming the file when it is empty, torn or not JSON."""
+def read_json(path, what="file", fix=""):
+    """A JSON file's content, or RunDirError naming the file (and `fix`) when it is empty, torn or not JSON."""
     try:
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path} is not valid JSON ({e}); the {what} is damaged") from e
+        raise RunDirError(f"{path} is not valid JSON ({e}); the {what} is damaged{fix}") from e
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -98,28 +109,45 @@ def read_config(run_dir):
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise RunDirError(f"{run_dir} is not a run directory (no config.json); pass the --out of a train.py run")
-    saved = read_json(path, "run's settings file")
+    fix = ("; rerun this run's train.py command, which rewrites it from the checkpoints' state.json, or restore it "
+           "from a backup")
+    saved = read_json(path, "run's settings file", fix)
     if not isinstance(saved, dict):
-        raise RunDirError(f"{path} holds {type(saved).__name__}, not the run's settings")
+        raise RunDirError(f"{path} holds {type(saved).__name__}, not the run's settings{fix}")
     return saved
 
 
-def check_same_run(settings, run_dir):
-    """Refuse a run directory that holds another method, expert count or model (settings: a dict)."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return  # a new run, or a config.json cut short by a kill at its first write: rewritten after the checks
+def check_same_run(settings, run_dir, log=print):
+    """Refuse a run directory that holds another method, expert count or model (settings: a dict), or whose
+    newest readable checkpoint trained on another mixture than settings["data"] gives. A missing, empty or
+    damaged config.json (rewritten after the checks) is stood in for by the settings the newest readable
+    checkpoint's state.json keeps."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"--out {run_dir} is a file; pass a directory (new, or a run's to resume it)")
     try:
         saved = read_config(run_dir)
     except RunDirError:
-        if checkpoints(run_dir):
-            raise
-        return  # no checkpoint depends on it: it is rewritten
-    diff = [f"{k}: saved {saved.get(k)!r}, asked {settings.get(k)!r}" for k in IDENTITY
-            if saved.get(k) != settings.get(k)]
+        saved = None
+    for _, path in reversed(checkpoints(run_dir) if saved is None else []):
+        try:
+            saved = read_json(os.path.join(path, STATE_FILE), "checkpoint's state").get("config")
+            break
+        except (OSError, RunDirError, AttributeError):
+            continue
+    if not isinstance(saved, dict):
+        return  # a new run, or one whose settings nothing kept: resume() checks the tensors themselves
+    diff = [f"{k}: saved {saved.get(k, _ADDED_LATER.get(k))!r}, asked {settings.get(k)!r}" for k in IDENTITY
+            if saved.get(k, _ADDED_LATER.get(k)) != settings.get(k)]
     if diff:
         raise RunDirError(f"run directory {run_dir} holds another run ({'; '.join(diff)}). Use another --out, or "
                           "the saved settings to resume it")
+    for _, path in reversed(checkpoints(run_dir) if "data" in settings else []):  # the mixture: data.py decides
+        try:
+            trained = read_json(os.path.join(path, STATE_FILE), "checkpoint's state")["data"]["tasks"]
+        except (OSError, RunDirError, KeyError, TypeError):
+            continue
+        import data
+        return data.check_same_mixture(trained, saved.get("data"), settings["data"], run_dir, log)
 
 
 def write_config(run_dir, settings):
@@ -164,19 +192,28 @@ def save_checkpoint(run_dir, step, model, optimizer, data_state, settings, keep)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": _to_host(optimizer.state_dict()), "rng": rng}, os.path.join(tmp, OPTIMIZER_FILE))
+        # torch.save to a file reports a full disk as a bare RuntimeError ("unexpected pos"); through memory
+        # (the factored Adafactor state is small) the write is Python's, whose OSError carries the errno
+        optimizer_bytes = io.BytesIO()
+        torch.save({"optimizer": _to_host(optimizer.state_dict()), "rng": rng}, optimizer_bytes)
+        with open(os.path.join(tmp, OPTIMIZER_FILE), "wb") as f:
+            f.write(optimizer_bytes.getbuffer())
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({"step": step, "data": data_state, "config": settings}, f)
-        for name in CHECKPOINT_FILES:  # the bytes are durable before the rename publishes them
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
+        # the bytes are durable before the rename publishes them, and so are the log lines up to this step
+        for path in [os.path.join(tmp, name) for name in CHECKPOINT_FILES] + [os.path.join(run_dir, LOG_FILE)]:
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
         if os.path.isdir(final):  # a re-save of the same step: move the old one away first
             os.rename(final, os.path.join(root, f".trash-step_{step:08d}"))
         os.rename(tmp, final)
         _fsync_dir(root)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _no_space(e, f"the checkpoint of step {step}", run_dir) from e
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # a failed write, not a bug
+            raise _no_space(e, f"the checkpoint of step {step}", run_dir) from e
+        raise
     for _, old in checkpoints(run_dir)[:-keep]:
         trash = os.path.join(root, ".trash-" + os.path.basename(old))
         os.rename(old, trash)  # gone from the list at once; a kill now leaves only a temporary behind
@@ -258,18 +295,22 @@ def resume(run_dir, model, optimizer, load_data_state, log=print):
             load_trainable(model, os.path.join(path, TRAINABLE_FILE), trainable)
             optimizer.load_state_dict(extra["optimizer"])
             load_data_state(state["data"])
-        except (RunDirError, ValueError, KeyError, TypeError, RuntimeError) as e:
-            log(f"skipping checkpoint {path}: {e}")
+            torch.set_rng_state(extra["rng"]["cpu"])
+            if "cuda" in extra["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+        except (RunDirError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            log(f"skipping checkpoint {path}: {e}")  # the next one overwrites whatever this one set
             continue
-        torch.set_rng_state(extra["rng"]["cpu"])
-        if "cuda" in extra["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
         return step
     if found:
         raise RunDirError(f"no checkpoint of {run_dir} loads (see above). To start over, move "
                           f"{os.path.join(run_dir, 'checkpoints')} and log.jsonl away; to keep a damaged one, "
                           "restore its files from a backup")
     return 0
+
+
+_SETTING_TYPES = {"method": str, "experts": int, "rank": int, "alpha": (int, float), "top_k": (int, type(None)),
+                  "router_input": str, "model": str, "dropout": (int, float), "seed": int}
 
 
 def load_run(run_dir, step=None, device="cpu", log=print):
@@ -280,7 +321,13 @@ def load_run(run_dir, step=None, device="cpu", log=print):
     if missing:
         raise RunDirError(f"{os.path.join(run_dir, 'config.json')} lacks {missing}; it was not written by this "
                           "train.py. Pass --model and --adapter instead of --run")
-    settings = types.SimpleNamespace(**saved)
+    wrong = [f"{k}={saved[k]!r}" for k in build.SETTINGS
+             if isinstance(saved[k], bool) or not isinstance(saved[k], _SETTING_TYPES.get(k, object))]
+    if wrong or saved["method"] not in build.METHODS:
+        raise RunDirError(f"{os.path.join(run_dir, 'config.json')} holds impossible settings "
+                          f"({', '.join(wrong) or 'method=' + repr(saved['method'])}); restore the file, or pass "
+                          "--model and --adapter instead of --run")
+    settings = types.SimpleNamespace(**saved)  # keys this train.py does not know are carried along, unused
     found = dict(checkpoints(run_dir))
     if not found:
         raise RunDirError(f"run directory {run_dir} has no checkpoint yet (checkpoints/step_*); train first")
@@ -301,10 +348,36 @@ def load_run(run_dir, step=None, device="cpu", log=print):
 
 
 # ----------------------------------------------------------------------------------------------- log
+class LogFile:
+    """log.jsonl open for appending, unbuffered: each write() goes to the file at once (a kill loses nothing
+    written, a failed write leaves nothing to re-flush at close), and a full disk says so, naming the newest
+    intact checkpoint."""
+
+    def __init__(self, path, run_dir):
+        self.path, self.run_dir = path, run_dir
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, text):
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as e:
+            raise _no_space(e, self.path, self.run_dir) from e
+
+    def flush(self):
+        pass
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def open_log(run_dir, step):
-    """log.jsonl opened for appending, cut back to the lines of steps <= `step` (a fresh start: an empty log).
-    Torn or unparsable lines (a kill or a full disk while writing) are dropped with the lines after them."""
-    path = os.path.join(run_dir, "log.jsonl")
+    """log.jsonl opened for appending (a LogFile), cut back to the lines of steps <= `step` (a fresh start: an
+    empty log). Torn or unparsable lines (a kill or a full disk while writing) are dropped with the lines after."""
+    path = os.path.join(run_dir, LOG_FILE)
     keep = []
     if step > 0 and os.path.exists(path):
         with open(path, "rb") as f:
@@ -318,5 +391,8 @@ def open_log(run_dir, step):
                 if line["step"] <= step:
                     keep.append(raw)
     if keep or os.path.exists(path):
-        write_atomic(path, b"".join(keep))
-    return open(path, "a")
+        try:
+            write_atomic(path, b"".join(keep))
+        except OSError as e:
+            raise _no_space(e, path, run_dir) from e
+    return LogFile(path, run_dir)

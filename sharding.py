@@ -79,15 +79,17 @@ ADAPTER_TABLES = {
 }
 
 
-def table_for(method, tie_word_embeddings=False):
+def table_for(method, tie_word_embeddings=False, router_bias=False):
     """The table for a T5 built with `method`: the backbone's patterns plus that method's adapter patterns.
 
-    tie_word_embeddings=True (original T5: no lm_head, the head reuses shared.weight) drops the lm_head pattern.
+    tie_word_embeddings=True (original T5: no lm_head, the head reuses shared.weight) drops the lm_head pattern;
+    router_bias=True (mov / molora with --router-bias) adds the replicated router biases [E].
     """
     if method not in ADAPTER_TABLES:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(ADAPTER_TABLES)}")
     base = [(p, s) for p, s in BASE_TABLE if not (tie_word_embeddings and p.startswith("^lm_head"))]
-    return base + ADAPTER_TABLES[method]
+    bias = [(r"\.(mov|lora)_router_bias$", (None,))] if router_bias else []
+    return base + ADAPTER_TABLES[method] + bias
 
 
 def plan(named_shapes, table):
@@ -193,7 +195,8 @@ def shard_model(model, mesh, method, device, remat=False):
     if remat:
         apply_remat(model)  # torch-xla's checkpoint: XLA would merge torch's back into the forward
     model = model.to(device)
-    apply_sharding(model, mesh, mark_sharding, table=table_for(method, model.config.tie_word_embeddings))
+    router_bias = any(n.endswith("_router_bias") for n, _ in model.named_parameters())
+    apply_sharding(model, mesh, mark_sharding, table=table_for(method, model.config.tie_word_embeddings, router_bias))
     return model
 
 

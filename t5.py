@@ -1,10 +1,8 @@
 """T5 encoder-decoder in plain PyTorch: the frozen backbone that MoV / MoLORA adapt.
 
-Reproduces T5 (Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
-Transformer") in both families: v1.1 / LM-adapted (gated-GELU FFN, untied lm_head; LM adaptation: Lester et al.
-2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"), the checkpoints the paper adapts
-(google/t5-{small..xxl}-lm-adapt), and the original T5 (ReLU FFN, tied embeddings). Module and parameter names
-equal Hugging Face's T5ForConditionalGeneration, so HF checkpoints load through one explicit key map.
+Reproduces T5 (Raffel et al. 2020) in both families: v1.1 / LM-adapted (gated-GELU FFN, untied lm_head; Lester et
+al. 2021), the checkpoints the paper adapts (google/t5-{small..xxl}-lm-adapt), and the original T5 (ReLU FFN, tied
+embeddings). Module and parameter names equal HF's T5ForConditionalGeneration: HF checkpoints load by one key map.
 T5's quirks, kept on purpose:
   - no 1/sqrt(d_kv) scaling of attention logits (Mesh TF folds it into the initialisation of q);
   - one relative position bias table per stack, held by block 0's self-attention and shared by all its blocks
@@ -12,16 +10,21 @@ T5's quirks, kept on purpose:
   - RMSNorm without mean or bias, variance in fp32; pre-norm residual blocks; no biases anywhere;
   - tied embeddings (original T5) rescale the decoder output by d_model**-0.5 before the head; untied (v1.1) do not.
 Packed rows (seqio's `EncDecFeatureConverter`) are supported through segment ids: no attention crosses examples.
+As T5X trains T5.1.1 (for-ai/parameter-efficient-moe `configs/t5/architectures/t5_1_1_flaxformer.gin`): dropout
+masks shared along the length (dropout_mask="broadcast": a row of hidden states [b, L, d] drops the same channels
+at every position; attention weights: one mask per batch, head and key), and the logits layer in fp32 under autocast.
 
 Usage:
     model = T5.from_pretrained("google/t5-xl-lm-adapt", dtype=torch.float32)   # or a local HF-layout directory
-    logits = model(input_ids, decoder_input_ids, attention_mask=mask)           # [b, T, vocab]
-    ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)     # [b, 32] greedy
+    logits = model(input_ids, decoder_input_ids, attention_mask=mask)           # [b, T, vocab] float32
+    ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)     # [b, 32] greedy (t5_generate.py)
 
-Deviations from HF's implementation (not from T5): attention softmax always in fp32 (HF: in the compute dtype);
-from_pretrained(dtype=bf16) casts every tensor, including `wo` (HF keeps `wo` in fp32; pass dtype=torch.float32
-and autocast to get that); no fp16 inf-clamping (use bf16); generate() re-runs the full-length decoder at each
-step instead of a KV cache (same tokens, fixed shapes, O(n^2) work).
+Deviations from HF: broadcast dropout by default ("elementwise" is HF's); fp32 logits (HF: the compute dtype);
+attention by F.scaled_dot_product_attention (HF's "sdpa"; under bf16 autocast the bias is cast to bf16 and the
+softmax runs in the kernel: measured within 1% of fp32 attention, no worse than the eager fp32-softmax path, which
+only elementwise dropout in training still takes); from_pretrained(dtype=bf16) casts every tensor, `wo` too (HF
+keeps it fp32: use fp32 weights and autocast); no fp16 (the mask value assumes bf16's range); generate() re-runs
+the full decoder each step, no KV cache (same tokens, fixed shapes, O(n^2) work).
 """
 import contextlib
 import dataclasses
@@ -90,11 +93,9 @@ class T5Config:
         if d.get("model_type", "t5") not in ("t5", "mt5"):
             raise ValueError(f"config model_type is {d['model_type']!r}; this file implements T5 only")
         tie = d.get("tie_word_embeddings", True)  # HF's default when the key is absent
-        names = [f.name for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None]
-        kw = {n: d[n] for n in names}
-        kw["num_decoder_layers"] = d.get("num_decoder_layers") or d["num_layers"]
-        kw["tie_word_embeddings"] = tie
-        kw["scale_decoder_outputs"] = d.get("scale_decoder_outputs", tie)
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None}
+        kw.update(num_decoder_layers=d.get("num_decoder_layers") or d["num_layers"], tie_word_embeddings=tie,
+                  scale_decoder_outputs=d.get("scale_decoder_outputs", tie))
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         return cls(**kw)
@@ -172,9 +173,7 @@ class BroadcastDropout(nn.Dropout):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        shape = list(x.shape)
-        shape[self.broadcast_dim] = 1
-        keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        keep = torch.empty_like(x.narrow(self.broadcast_dim, 0, 1)).bernoulli_(1 - self.p)  # size 1 along the dim
         return x * keep * (1 / (1 - self.p))
 
     def extra_repr(self):
@@ -182,15 +181,13 @@ class BroadcastDropout(nn.Dropout):
 
 
 def _dropout(cfg, broadcast_dim=-2):
-    """T5X (`t5_1_1_flaxformer.gin`: DROPOUT_FACTORY = linen.Dropout(broadcast_dims=(-2,))) shares each hidden-state
-    mask [b, L, features] along the length; "elementwise" draws independent masks, as transformers does."""
+    """T5X's DROPOUT_FACTORY = linen.Dropout(broadcast_dims=(-2,)): one mask for all positions of [b, L, features]."""
     if cfg.dropout_mask == "broadcast":
         return BroadcastDropout(cfg.dropout_rate, broadcast_dim)
     return nn.Dropout(cfg.dropout_rate)
 
 
-def _no_autocast(device):
-    """A context with autocast off on `device` (none needed where autocast does not exist, e.g. meta)."""
+def _no_autocast(device):  # autocast off on `device` (nothing to do where autocast does not exist, e.g. meta)
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
@@ -210,14 +207,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention without 1/sqrt(d_kv) scaling; `bias` carries position bias and mask together.
-
-    Runs F.scaled_dot_product_attention (scale=1, the bias as additive mask) so fused kernels apply. Dropout of the
-    weights P [b, h, t, s]: T5X draws one mask per (b, h, s), shared by all queries (Flaxformer `dense_attention.py`
-    `dot_product_attention_weights`, broadcast_dropout=True: dropout_shape[-2] = 1), and then
-    dropout(P) @ V = P @ (m[b, h, s] * V[b, h, s, :]): `dropout` (broadcast along d) drops rows of V instead.
-    Elementwise masks (dropout_mask="elementwise") in training take the explicit path: softmax, dropout, matmul.
-    """
+    """Multi-head attention without 1/sqrt(d_kv) scaling through F.scaled_dot_product_attention (scale=1); `bias`
+    carries position bias and mask together. T5X drops the weights P [b, h, t, s] with one mask per (b, h, s) for all
+    queries (Flaxformer `components/attention/dense_attention.py`, broadcast_dropout: dropout_shape[-2] = 1), and
+    dropout(P) @ V = P @ (m[b, h, s] * V[b, h, s, :]): so `dropout` drops rows of V. Elementwise masks in training
+    take the explicit path (softmax, dropout, matmul)."""
 
     def __init__(self, cfg, relative_bias=False, bidirectional=True):
         super().__init__()
@@ -254,33 +248,22 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, t, -1))  # [b, t, h * d] -> [b, t, d_model]
 
 
-class GatedFFN(nn.Module):
-    """v1.1: wo(dropout(act(wi_0 x) * wi_1 x)), act = GELU with the tanh approximation (HF's gelu_new)."""
+class FFN(nn.Module):
+    """v1.1 ("gated-gelu"): wo(dropout(act(wi_0 x) * wi_1 x)), act = GELU with the tanh approximation (HF's
+    gelu_new); original T5 ("relu"): wo(dropout(act(wi x))), act = ReLU."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.gated = cfg.feed_forward_proj == "gated-gelu"
+        for name in ("wi_0", "wi_1") if self.gated else ("wi",):
+            setattr(self, name, nn.Linear(cfg.d_model, cfg.d_ff, bias=False))
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.act = nn.GELU(approximate="tanh")
-        self.dropout = _dropout(cfg)
+        self.act = nn.GELU(approximate="tanh") if self.gated else nn.ReLU()
+        self.dropout = _dropout(cfg)  # [b, L, d_ff]: T5X's MlpBlock intermediate dropout, broadcast_dims=(-2,)
 
     def forward(self, x):
-        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
-
-
-class ReluFFN(nn.Module):
-    """Original T5: wo(dropout(relu(wi x)))."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.act = nn.ReLU()
-        self.dropout = _dropout(cfg)
-
-    def forward(self, x):
-        return self.wo(self.dropout(self.act(self.wi(x))))
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
+        return self.wo(self.dropout(h))
 
 
 class SelfAttentionLayer(nn.Module):
@@ -309,7 +292,7 @@ class CrossAttentionLayer(nn.Module):
 class FeedForwardLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.DenseReluDense = GatedFFN(cfg) if cfg.feed_forward_proj == "gated-gelu" else ReluFFN(cfg)
+        self.DenseReluDense = FFN(cfg)
         self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = _dropout(cfg)
 

@@ -12,7 +12,6 @@ unpickled beyond tensors.
 import dataclasses
 import json
 import os
-import re
 import zipfile
 
 import torch
@@ -93,17 +92,20 @@ def _resolve(name_or_path):
     """A local directory as is; else a hub name fetched with huggingface_hub (safetensors, else .bin files)."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    tried = f"local directory {os.path.abspath(name_or_path)!r} (does not exist)"
+    state = "not a directory" if os.path.exists(name_or_path) else "no such directory"
+    missing = f"no checkpoint {name_or_path!r}: {state} ({os.path.abspath(name_or_path)})"
     how = ("pass a local directory holding config.json and model.safetensors or pytorch_model.bin (HF layout), "
            "e.g. made with `huggingface-cli download google/t5-xl-lm-adapt --local-dir DIR` where the hub is reachable")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
-        raise FileNotFoundError(f"no checkpoint {name_or_path!r}: tried {tried}; not a hub name either. Fix: {how}")
+    import hub_io  # the hub's name rules and one-line failure reasons (huggingface_hub only inside)
+    if not hub_io.could_be_repo_id(name_or_path):
+        raise FileNotFoundError(f"{missing}, and not a hub name (namespace/name) either. Fix: {how}")
     from huggingface_hub import snapshot_download
     try:
         path = snapshot_download(name_or_path, allow_patterns=["config.json", "model*.safetensors*"])
         if not any(os.path.exists(os.path.join(path, n)) for layout in _WEIGHT_LAYOUTS for n in layout):
             path = snapshot_download(name_or_path, allow_patterns=["config.json", "pytorch_model*.bin*"])
-    except OSError as e:  # huggingface_hub's network, offline and not-found errors are all OSErrors
-        raise OSError(f"could not load {name_or_path!r}: tried {tried}, then the Hugging Face hub, which failed "
-                      f"({type(e).__name__}: {e}). Fix: {how}") from e
+    except hub_io.failures() as e:  # huggingface_hub's network, offline and not-found errors, its client's
+        why = hub_io.reason(e, "model", name_or_path)
+        raise (FileNotFoundError if why.startswith("no model repository") else OSError)(
+            f"{missing}, and {why}. Fix: {how}") from e
     return path

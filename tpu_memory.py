@@ -32,13 +32,15 @@ import t5
 #               `t5x/adafactor.py` min_dim_size_to_factor; the original's `src/adafactor_custom.py`)
 #   gather      with fsdp > 1, weights gathered just in time: two full blocks (one in use, one prefetched) or the
 #               vocabulary matrix, whichever is larger
-#   activations tensors saved for the backward, bf16 (2 B), dropout masks 1 B, router probabilities fp32, per row:
+#   activations tensors saved for the backward, bf16 (2 B), router probabilities fp32, per row:
 #     a frozen Linear saves nothing (its weight needs no gradient; the input gradient needs only the weight), so
-#     what is kept is the input of each RMSNorm (the fp32 residual stream, 4 d B), q/k/v (3 H d_kv), the attention
-#     probabilities (fp32 softmax output, 1 B dropout mask, bf16 dropped copy: 7 H L_kv B), the FFN's wi_0 output,
-#     gelu output and wi_1 output (3 d_ff) with the dropout mask (d_ff),
-#     the residual dropout masks (d), the cross-attention keys/values of each decoder layer over the encoder tokens
-#     (2 H d_kv per input token), and the logits (bf16 + fp32 + fp32 softmax: 10 V bytes per target token).
+#     what is kept is the input of each RMSNorm (the fp32 residual stream, 4 d B), q/k/v and the attention output
+#     (4 H d_kv), the attention's additive mask in the compute dtype (2 H L_kv B per query: t5.py casts the fp32
+#     position bias + mask once per layer; cross-attention's mask has no head axis) and its log-sum-exp (fp32 H),
+#     the FFN's wi_0 output, gelu output and wi_1 output (3 d_ff), the cross-attention keys/values of each decoder
+#     layer over the encoder tokens (2 H d_kv per input token), and the fp32 logits with their log-softmax (8 V
+#     bytes per target token). Dropout masks are T5X's broadcast ones (one per row): negligible.
+#     Full fine-tuning trains the position bias, so attention keeps its fp32 weights instead (4 H L_kv B).
 #     Adapters add what their backward needs: MoV keeps the pre-scale activation and the mixed scale per site
 #     (bf16) and the router's fp32 copy of its input (+8 H d_kv B at k, v; +8 d_ff B at the FFN) and the
 #     probabilities (fp32 H E / E); (IA)3 the pre-scale activation;
@@ -87,12 +89,13 @@ def activation_bytes_per_row(config, method, experts=30, rank=4, input_length=10
     a, vocab, n_enc, n_dec = heads * config.d_kv, config.vocab_size, config.num_layers, config.num_decoder_layers
     e = experts if method in ("mov", "molora") else 1
     # per encoder token per layer, per decoder token per layer, per encoder token per decoder layer (cross k/v)
-    # norm inputs: the fp32 residual stream (4 d each); attention probabilities: fp32 softmax output, 1-byte dropout
-    # mask and the bf16 dropped probabilities (7 B per query-key pair); q, k, v and the FFN activations bf16
-    enc = 4 * 2 * d + 2 * 3 * a + 7 * heads * li + 2 * 3 * f + (f + 2 * d)
-    dec = 4 * 3 * d + 2 * 4 * a + 7 * heads * (lt + li) + 2 * 3 * f + (f + 3 * d)
+    # norm inputs: the fp32 residual stream (4 d each); q, k, v, attention outputs and FFN activations bf16;
+    # per query: the attention mask (bf16 per key; fp32 weights when the position bias trains) and log-sum-exp
+    pair = 4 if method == "full" else 2
+    enc = 4 * 2 * d + 2 * 4 * a + pair * heads * li + 4 * heads + 2 * 3 * f
+    dec = 4 * 3 * d + 2 * 6 * a + pair * heads * lt + (4 * heads if method == "full" else 2) * li + 8 * heads + 2 * 3 * f
     cross = 2 * 2 * a
-    once = 4 * d * (li + lt) + 10 * vocab * lt  # final norms' inputs, logits
+    once = 4 * d * (li + lt) + 8 * vocab * lt  # final norms' inputs, fp32 logits and log-softmax
     if method in ("mov", "ia3"):
         # MoV: pre-scale activation and mixed scale (bf16), the router's fp32 copy of its input, probabilities
         site_attn = (2 * 2 * a + 4 * a + 4 * heads * e) if method == "mov" else 2 * a

@@ -34,8 +34,11 @@ import torch
 import adafactor
 import build
 import data
+import distributed
 import mov
+import routing as routing_health
 import rundir
+from losses import loss_fn, model_inputs  # noqa: F401  (train.loss_fn: part of this module's interface)
 import sharding  # imports torch-xla only inside its XLA functions
 
 
@@ -52,8 +55,12 @@ class Config:
     experts: int = setting(10, "number of experts for mov / molora")
     rank: int = setting(4, "LoRA rank for lora / molora (the paper: 4; the released configs/lora.gin: 16)")
     alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank")
-    top_k: Optional[int] = setting(None, "keep the k most probable experts (softmax over all, no renormalisation, as the "
-                                   "original's routing.py)")
+    top_k: Optional[int] = setting(None, "mov / molora: keep the k most probable experts (softmax over all, no "
+                                   "renormalisation, as the original's routing.py)")
+    # router options of the original's src/routing.py, all off in its released configs
+    router_jitter: float = setting(0.0, "training only: the router input times noise U[1-eps, 1+eps] (jitter_noise)")
+    router_bias: bool = setting(False, "a zero-initialised trainable bias on the router logits (use_bias)")
+    load_balance_weight: float = setting(0.0, "add this x Switch Transformer's load-balancing loss (mean over sites)")
     router_input: str = setting("token", "token: the router reads the activation it rescales; sentence: one embedding "
                                    "per example (an ablation)")
     model: str = setting("xl", "tiny (random, offline), small..xxl (google/t5-<size>-lm-adapt), a directory or a hub name")
@@ -68,6 +75,7 @@ class Config:
     adafactor_step_offset: int = setting(1_100_000, "Adafactor's decay counter starts here (T5X continues from the "
                                               "checkpoint's step 1.1M)")
     dropout: float = setting(0.1, "dropout rate of the backbone in training")
+    dropout_mask: str = setting("broadcast", "broadcast: T5X's masks shared along the length; elementwise: HF's")
     z_loss: float = setting(1e-4, "coefficient of the output-logit z-loss (t5x/losses.py)")
     # the hardware
     dtype: str = setting("auto", "activations: auto (bf16 autocast on accelerators, fp32 on CPU), float32 or bfloat16")
@@ -96,7 +104,7 @@ PRESETS = {
                  eval_max_examples=40),
 }
 CHOICES = {"method": build.METHODS, "router_input": ("token", "sentence"), "dtype": ("auto", "float32", "bfloat16"),
-           "device": ("auto", "cpu", "cuda", "xla")}
+           "device": ("auto", "cpu", "cuda", "xla"), "dropout_mask": ("broadcast", "elementwise")}
 
 
 def parse_args(argv=None) -> tuple[Config, str]:
@@ -142,82 +150,77 @@ def validate(cfg: Config) -> None:
     for name in ("lr", "alpha"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
             raise ValueError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
-    if not (math.isfinite(cfg.z_loss) and cfg.z_loss >= 0):
-        raise ValueError(f"--z-loss must be a number >= 0, got {cfg.z_loss}")
-    if not 0 <= cfg.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in ("z_loss", "load_balance_weight"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(cfg, name)}")
+    for name in ("dropout", "router_jitter"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.adafactor_step_offset < 0:
         raise ValueError(f"--adafactor-step-offset must be >= 0, got {cfg.adafactor_step_offset}")
     if cfg.top_k is not None and not 1 <= cfg.top_k <= cfg.experts:
         raise ValueError(f"--top-k must be between 1 and --experts ({cfg.experts}), got {cfg.top_k}")
-    if cfg.top_k is not None and cfg.method != "mov":
-        raise ValueError(f"--top-k applies to --method mov only, got --method {cfg.method}")
+    routed = [f"--{n.replace('_', '-')}" for n in ("top_k", "router_jitter", "router_bias", "load_balance_weight")
+              if getattr(cfg, n) not in (None, 0.0, False)]
+    if routed and cfg.method not in ("mov", "molora"):
+        raise ValueError(f"{', '.join(routed)} applies to --method mov or molora only, got --method {cfg.method}")
     if cfg.router_input == "sentence" and cfg.method != "mov":
         raise ValueError(f"--router-input sentence applies to --method mov only, got {cfg.method}")
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
+    if os.path.isdir(cfg.model):  # a model directory's config.json, read before anything is built
+        try:
+            build.model_config(cfg)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{os.path.join(cfg.model, 'config.json')} is not a T5 config ({type(e).__name__}: "
+                             f"{e}); download the model's config.json again") from e
 
 
-# ----------------------------------------------------------------------------------------------- loss
-def loss_fn(logits: torch.Tensor, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """T5X's weighted cross-entropy with LOSS_NORMALIZING_FACTOR = AVERAGE_PER_SEQUENCE, plus z-loss.
-
-    Each example (a segment of a packed row) gets its token losses averaged over its own target tokens; the batch
-    loss is the mean over examples. z-loss = z * logsumexp(logits)^2 per token, weighted the same way (t5x/losses.py).
-    Returns (loss, cross-entropy part, z-loss part). Static shapes throughout (scatter/gather, no masking by index).
-    """
-    logits = logits.float()                                                   # [B, T, V]
-    targets = batch["decoder_target_tokens"].long()                          # [B, T]
-    segments = batch["decoder_segment_ids"].long()                           # [B, T], 0 = padding
-    weights = batch["decoder_loss_weights"].float()                          # [B, T]
-    log_z = torch.logsumexp(logits, dim=-1)                                  # [B, T]
-    ce = log_z - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)        # [B, T]
-    zl = z_loss * log_z.square()                                             # [B, T]
-    # Sum of weights of each token's segment: scatter per (row, segment), gather back to the tokens.
-    per_segment = torch.zeros(segments.shape[0], segments.shape[1] + 1, device=weights.device)
-    per_segment = per_segment.scatter_add(1, segments, weights)              # [B, T+1]
-    norm = per_segment.gather(1, segments)                                   # [B, T]
-    w = torch.where(norm > 0, weights / norm.clamp_min(1e-9), torch.zeros_like(weights))
-    examples = w.sum().clamp_min(1.0)                                        # = number of examples with targets
-    ce_part, z_part = (ce * w).sum() / examples, (zl * w).sum() / examples
-    return ce_part + z_part, ce_part, z_part
-
-
-def model_inputs(batch: dict) -> dict:
-    return dict(input_ids=batch["encoder_input_tokens"], decoder_input_ids=batch["decoder_input_tokens"],
-                encoder_segment_ids=batch["encoder_segment_ids"], decoder_segment_ids=batch["decoder_segment_ids"])
-
-
-def train_step(model, optimizer, batch: dict, cfg: Config, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward per micro-batch, then one optimizer update; returns (loss, z-loss part), detached."""
-    device, micro = batch["encoder_input_tokens"].device, cfg.batch_size // cfg.grad_accum
+def train_step(model, optimizer, batch: dict, cfg: Config, autocast: bool, group=distributed.Group(),
+               shares=None, monitor=None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Forward and backward per micro-batch, then one optimizer update; returns (loss, z-loss part, routing health:
+    routing.Monitor.reduce's values or None), detached. The load-balancing loss (monitor's) is added to the optimised
+    loss times --load-balance-weight, not to the returned loss. Data parallel (distributed.py): `batch` holds this
+    process's rows and `shares[i]` its fraction of micro-batch i's examples, so that the losses of all processes
+    sum to the global one (the routing health is this process's)."""
+    device, micro = batch["encoder_input_tokens"].device, batch["encoder_input_tokens"].shape[0] // cfg.grad_accum
     total, total_z = torch.zeros((), device=device), torch.zeros((), device=device)
+    monitor, collected = monitor if monitor is not None else routing_health.Monitor(None), []
     for i in range(cfg.grad_accum):
         part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
         routing = (mov.sentence_routing(model, part["sentence_embeddings"]) if "sentence_embeddings" in part
                    else contextlib.nullcontext())
-        with routing, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(**model_inputs(part))
-        loss, _, z = loss_fn(logits, part, cfg.z_loss)
-        (loss / cfg.grad_accum).backward()
+        with distributed.no_sync(model, group, last=i == cfg.grad_accum - 1):  # DDP: one all-reduce, at the end
+            with routing, monitor.masks(part), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(**model_inputs(part))
+            loss, _, z = loss_fn(logits, part, cfg.z_loss)
+            if shares is not None:  # sum over this process's examples / the global micro-batch's count
+                loss, z = loss * shares[i], z * shares[i]
+            balance = monitor.balance_loss() if cfg.load_balance_weight else None  # mean over this process's rows
+            objective = loss if balance is None else loss + cfg.load_balance_weight * balance / group.world_size
+            (objective * (group.world_size / cfg.grad_accum)).backward()  # x world_size: DDP averages the gradients
         total, total_z = total + loss.detach() / cfg.grad_accum, total_z + z.detach() / cfg.grad_accum
+        collected.append(monitor.collect(balance))
+    total, total_z = distributed.all_sum(group, total, total_z)  # data parallel: the global loss
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, total_z
+    return total, total_z, monitor.reduce(collected)
 
 
 class StepLog:
     """log.jsonl and the progress bar. Pending steps reach the host once per interval; on XLA through a step
     closure, which runs once the queued graphs have executed, so the loop never waits for the device."""
 
-    def __init__(self, cfg: Config, step: int, xla: bool):
+    def __init__(self, cfg: Config, step: int, xla: bool, main: bool = True, monitor=None):
         from tqdm import tqdm
         self.cfg, self.xla, self.pending, self.tokens, self.t0, self.last = cfg, xla, [], 0, time.perf_counter(), None
-        self.file = rundir.open_log(cfg.out, step)
-        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.method} {cfg.model}", dynamic_ncols=True)
+        self.monitor = monitor  # routing.Monitor: names the routing-health values (and warns on a collapse)
+        self.file = rundir.open_log(cfg.out, step) if main else open(os.devnull, "w")  # data parallel: rank 0 writes
+        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.method} {cfg.model}", dynamic_ncols=True,
+                        disable=not main)
 
-    def add(self, step, loss, z, examples, tokens):
-        self.pending.append((step, loss, z, examples))
+    def add(self, step, loss, z, examples, tokens, health=None):
+        self.pending.append((step, loss, z, examples, health))
         self.tokens += tokens
         self.bar.update(1)
 
@@ -233,15 +236,16 @@ class StepLog:
             self._write(entries, rate)
 
     def _write(self, entries, rate):
-        values = torch.stack([torch.stack([l, z]) for _, l, z, _ in entries]).float().cpu().tolist()  # one transfer
-        for (s, _, _, seen), (l, z) in zip(entries, values):
+        values = torch.stack([torch.cat([torch.stack([l, z]).float()] + ([] if h is None else [h.float()]))
+                              for _, l, z, _, h in entries]).cpu().tolist()  # one transfer
+        for (s, _, _, seen, _), (l, z, *health) in zip(entries, values):
             if not math.isfinite(l):
                 found = rundir.checkpoints(self.cfg.out)
                 raise FloatingPointError(f"loss is {l} at step {s}; stopping. The newest checkpoint, "
                                          f"{found[-1][1] if found else '(none yet)'}, is intact; try a lower --lr "
                                          "or --dtype float32")
             self.last = {"step": s, "loss": l, "z_loss": z, "lr": self.cfg.lr, "tokens_per_s": round(rate, 1),
-                         "examples_seen": seen}
+                         "examples_seen": seen, **(self.monitor.fields(s, health) if health else {})}
             self.file.write(json.dumps(self.last) + "\n")
         self.file.flush()
         self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", tok_s=f"{rate:,.0f}")
@@ -271,13 +275,16 @@ def main(cfg: Config) -> dict:
     xla = build.device_kind(cfg.device) == "xla"
     if xla:
         sharding.enable_spmd()  # before the first XLA tensor of the process
-    device = build.resolve_device(cfg.device)
-    autocast = build.autocast_enabled(cfg.dtype, device)
-    settings = dataclasses.asdict(cfg)
+    group, device = distributed.setup(cfg.device, cfg.batch_size, cfg.grad_accum)  # torchrun: data parallel
+    say = print if group.main else lambda *args: None  # rank 0 alone prints and writes the run directory
+    autocast, activations = build.activations(cfg.dtype, device)
+    settings = {**dataclasses.asdict(cfg), "activations": "bfloat16" if autocast else "float32",
+                "world_size": group.world_size}  # resolved, recorded; neither is part of the run's identity
     rundir.check_same_run(settings, cfg.out)
+    say(activations + distributed.describe(group))
 
     # --- model: backbone, adapters (base weights frozen), sharded over the mesh on XLA
-    model = build.build_model(cfg, device if not xla else torch.device("cpu"))
+    model = build.build_model(cfg, device if not xla else torch.device("cpu"))  # unwrapped: saved, evaluated
     if xla:
         mesh = sharding.make_mesh(cfg.fsdp)
         model = sharding.shard_model(model, mesh, cfg.method, device, remat=cfg.remat)
@@ -291,22 +298,29 @@ def main(cfg: Config) -> dict:
     # --- data: the mixture, packed to fixed shapes (sentence routing: one example per row with its embedding)
     mixture = data.Mixture(cfg.data, seed=cfg.seed, batch_size=cfg.batch_size, input_length=cfg.input_length,
                            target_length=cfg.target_length, pack=cfg.router_input != "sentence",
-                           sentence_embedder=data.SentenceEmbedder() if cfg.router_input == "sentence" else None)
+                           sentence_embedder=data.SentenceEmbedder() if cfg.router_input == "sentence" else None,
+                           notice_dir=cfg.out)  # the full list of table configs the source lacks
 
     # --- resume from the newest loadable checkpoint; the settings are written only now, once all checks passed
-    rundir.clear_temporaries(cfg.out)
-    step = rundir.resume(cfg.out, model, optimizer, mixture.load_state_dict)
-    rundir.write_config(cfg.out, settings)
+    if group.main:
+        rundir.clear_temporaries(cfg.out)
+    step = rundir.resume(cfg.out, model, optimizer, mixture.load_state_dict, log=say)
+    if group.main:
+        rundir.write_config(cfg.out, settings)
     if step:
-        print(f"resuming {cfg.out} from step {step}")
+        say(f"resuming {cfg.out} from step {step}")
     else:
         torch.manual_seed(cfg.seed + 2)  # dropout stream
+    distributed.seed_dropout(group, cfg.seed, step)  # ranks > 0: a stream of their own
 
     def to_device(batch: dict) -> dict:
         out = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
         return sharding.shard_batch(out, mesh) if xla else out
 
-    step_fn = lambda batch: train_step(model, optimizer, batch, cfg, autocast)  # noqa: E731
+    trained = distributed.wrap(model, group, device)  # DDP all-reduces the trainable parameters' gradients
+    monitor = routing_health.Monitor(model, aux_loss=cfg.load_balance_weight > 0)  # mov / molora: routing health
+    step_fn = lambda batch, shares: train_step(trained, optimizer, batch, cfg, autocast, group, shares,  # noqa: E731
+                                               monitor)
     if xla:
         import torch_xla
         step_fn = torch_xla.compile(step_fn)
@@ -314,19 +328,22 @@ def main(cfg: Config) -> dict:
     def checkpoint():
         if xla:
             torch_xla.sync()  # run the pending step closures (log lines and their NaN check) first
-        rundir.save_checkpoint(cfg.out, step, model, optimizer, mixture.state_dict(), settings, cfg.keep)
+        if group.main:
+            rundir.save_checkpoint(cfg.out, step, model, optimizer, mixture.state_dict(), settings, cfg.keep)
+        distributed.barrier(group)  # no process goes on (or reads it) before the checkpoint is complete
 
     # --- loop: step, log, checkpoint; SIGINT/SIGTERM end it with a checkpoint
-    log, saved = StepLog(cfg, step, xla), step
+    log, saved = StepLog(cfg, step, xla, group.main, monitor), step
     model.train()
     try:
         with stop_on_signals() as stop:
-            while step < cfg.steps and stop["signal"] is None:
+            while step < cfg.steps and distributed.stop_signal(group, stop) is None:  # a signal to any process
                 batch = mixture.next_batch()
                 tokens = int((batch["encoder_segment_ids"] > 0).sum() + (batch["decoder_segment_ids"] > 0).sum())
-                loss, z = step_fn(to_device(batch))
+                batch, shares = distributed.share(batch, group, cfg.grad_accum)  # this process's rows
+                loss, z, health = step_fn(to_device(batch), shares)
                 step += 1
-                log.add(step, loss, z, mixture.stats["examples"], tokens)
+                log.add(step, loss, z, mixture.stats["examples"], tokens, health)
                 if step % cfg.log_every == 0 or step % cfg.save_every == 0 or step == cfg.steps:
                     log.flush()
                 if step % cfg.save_every == 0 or step == cfg.steps:
@@ -337,18 +354,19 @@ def main(cfg: Config) -> dict:
                 checkpoint()
     finally:
         log.close()
+    distributed.close(group)
     result = {"step": step, "last": log.last, "signal": stop["signal"]}
     if stop["signal"] is not None:
-        print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {cfg.out}/checkpoints; "
-              f"run the same command to resume")
+        say(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {cfg.out}/checkpoints; "
+            f"run the same command to resume")
         return result
 
     # --- evaluation of the trained adapters on the held-out tasks
-    if cfg.evaluate:
+    if cfg.evaluate and group.main:
         import evaluate
         import report
         model.eval()
-        sets = data.load_eval(cfg.data, max_examples=cfg.eval_max_examples)
+        sets = data.load_eval(cfg.data, max_examples=cfg.eval_max_examples, notice_dir=cfg.out)
         meta = dict(method=cfg.method, experts=cfg.experts, rank=cfg.rank, model=cfg.model, data=cfg.data,
                     router_input=cfg.router_input, step=step,
                     label=f"{build.run_name(cfg.method, cfg.experts)} step {step}")
@@ -357,6 +375,9 @@ def main(cfg: Config) -> dict:
                                                target_length=cfg.target_length, device=device, out_dir=cfg.out,
                                                meta=meta, name=report.output_name(cfg.eval_max_examples))
         print(evaluate.format_table(result["eval"]))
+        if cfg.data == "demo":
+            import generate  # the demo ends by asking its model two held-out prompts (generate.py)
+            generate.show_demo_answers(model, cfg, device)
     return result
 
 
@@ -374,8 +395,9 @@ def cli(argv=None) -> int:
     except (OSError, ValueError, FloatingPointError) as err:  # bad input, unreachable or damaged files, NaN loss
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal: nothing was written yet
-        print("error: interrupted before training started; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (start-up, evaluation): no checkpoint was being written
+        print("error: interrupted outside the training loop; every checkpoint is intact, run the same command to "
+              "resume", file=sys.stderr)
         return 130
     return 0
 

@@ -14,21 +14,24 @@ snapshot_download, HfFileSystem / `hf://` fsspec reads) and `datasets` (config n
     anything else -> 404. Errors carry the hub's X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound) and
     X-Error-Message, so the clients raise RepositoryNotFoundError / RevisionNotFoundError / EntryNotFoundError.
 
-Revisions: "main" or the repo's commit sha (a sha1 over its files' oids: it changes when a file changes). LFS files:
+Revisions: "main" or the repo's commit sha (a sha1 over its files' oids). Repos are rescanned on every API call (and
+on a read of a file that changed), so files written while serving show up, under a new sha. LFS files:
 those a `filter=lfs` pattern of the repo's .gitattributes matches (without one: LFS_SUFFIXES); their tree entries
 carry `lfs: {oid: sha256, size, pointerSize}` and their oid is that of the LFS pointer, as on the hub. Not emulated:
 writes, auth (tokens are ignored), Xet (no X-Xet-Hash, so clients download over plain HTTP), CDN redirects (files
 come straight from /resolve), datasets-server.
 
     with HubEmulator(tmp_path) as hub:          # or hub = HubEmulator(tmp_path).start(); ...; hub.stop()
-        use_hub(monkeypatch, hub.url, tmp_path / "hf_home")   # point huggingface_hub (and datasets) at it
+        use_hub(monkeypatch, hub.url, tmp_path / "hf_home")   # point huggingface_hub and datasets at it
         hub.requests        # [Request, ...]: ("GET", "/api/...") tuples, arrival order, `.headers` (lower-case keys)
-        hub.reset_counts()  # forget them
+        hub.reset_counts()  # forget them; hub.count("/resolve/", "GET") counts them
         hub.fail_paths = {"/resolve/main/x": 503}    # requests whose path contains the key get that status
         hub.truncate_paths = {"model.safetensors": 100}   # the next GET of it stops after 100 bytes (then EOF)
 
-`make_p3_repo` / `make_t5_model_repo` write a bigscience/P3-like dataset repo and a google/t5-*-lm-adapt-like model.
-The server needs only the standard library; the repo builders use pyarrow/numpy and torch/safetensors.
+`make_p3_repo` / `make_t5_model_repo` write a bigscience/P3-like dataset repo (the hub's layout since P3's 2024
+conversion to parquet: `<config>/<split>-00000-of-00001.parquet`, README `configs:` -> `<config>/<split>-*`) and a
+google/t5-*-lm-adapt-like model. The server needs only the standard library; the builders use pyarrow/numpy and
+torch/safetensors.
 """
 import csv
 import fnmatch
@@ -37,7 +40,6 @@ import io
 import json
 import os
 import socket
-import sys
 import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -89,7 +91,11 @@ class _Repo:
         self.id, self.scan, self.files, self.dirs, self._walks = repo_id, scan, {}, {}, {}
         self.children = {p: [] for p, v in scan.items() if v is None}
         attrs = os.path.join(top, ".gitattributes")
-        lines = open(attrs).read().splitlines() if ".gitattributes" in scan else _GITATTRIBUTES.splitlines()
+        if ".gitattributes" in scan:
+            with open(attrs) as f:
+                lines = f.read().splitlines()
+        else:
+            lines = _GITATTRIBUTES.splitlines()
         lfs = [ln.split()[0] for ln in lines if "filter=lfs" in ln]
         for path, stat in scan.items():
             if path:
@@ -291,11 +297,9 @@ class _Handler(BaseHTTPRequestHandler):
         if sha:
             headers += [("X-Linked-Etag", f'"{sha}"'), ("X-Linked-Size", str(size))]
         start, end, status = 0, size - 1, 200
-        spec = self.headers.get("Range", "")
-        if spec.startswith("bytes=") and self.command == "GET":
-            a, _, b = spec[6:].split(",")[0].strip().partition("-")
-            start, end = (size - int(b), size - 1) if not a else (int(a), min(int(b), size - 1) if b else size - 1)
-            start = max(start, 0)
+        a, _, b = self.headers.get("Range", "").removeprefix("bytes=").split(",")[0].strip().partition("-")
+        if self.command == "GET" and self.headers.get("Range", "").startswith("bytes=") and (a + b).isdigit():
+            start, end = (int(a), min(int(b), size - 1) if b else size - 1) if a else (max(size - int(b), 0), size - 1)
             if start >= size or end < start:
                 raise _HubError(416, None, "Range Not Satisfiable", [("Content-Range", f"bytes */{size}")])
             headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
@@ -324,9 +328,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(HTTPServer):
     """One thread per connection; stop() closes the kept-alive connections and joins their threads."""
-    daemon_threads = True
 
     def process_request(self, request, client_address):
+        # headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm holds the body until
+        # the client's delayed ACK (~40 ms on Linux), which would make every small response take 40 ms
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.lock:
             self.conns.add(request)
             t = threading.Thread(target=self._work, args=(request, client_address), name="hub-emulator-conn",
@@ -406,15 +412,16 @@ class HubEmulator:
         return sum(substring in r.path and method in (None, r.method) for r in self.requests)
 
 
-def use_hub(monkeypatch, url, hf_home, with_datasets=False):
-    """Point huggingface_hub (and `datasets`, when imported or with_datasets) at `url`, online, with every cache
-    under hf_home; monkeypatch undoes it all. Both libraries read HF_ENDPOINT / HF_HUB_OFFLINE / HF_HOME at import
-    time, so setting the environment is not enough: their module constants are patched too."""
+def use_hub(monkeypatch, url, hf_home):
+    """Point huggingface_hub and `datasets` at `url`, online, with every cache under hf_home; monkeypatch undoes it.
+    Both libraries read HF_ENDPOINT / HF_HUB_OFFLINE / HF_HOME once, at import, into module constants, so setting the
+    environment is not enough: those constants are patched too. `datasets` is imported first (if installed) so a
+    later import cannot capture the temporary environment for good."""
     import huggingface_hub.constants as c
     from huggingface_hub.utils import _http
-    if with_datasets or "datasets" in sys.modules:
-        import datasets.config as dc  # imported before the env changes, so monkeypatch restores real values
-    else:
+    try:
+        import datasets.config as dc
+    except ImportError:
         dc = None
     hf_home = os.fspath(hf_home)
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_CO_STAGING"):
@@ -453,6 +460,15 @@ def _tsv(name):
 
 def _dtype(arrow_type):
     return {"float": "float32", "double": "float64"}.get(str(arrow_type), str(arrow_type))
+
+
+def _dataset_info(table, splits, file_bytes):
+    feats = "".join(f"  - name: {c.name}\n    " + (f"sequence: {_dtype(c.type.value_type)}\n" if hasattr(
+        c.type, "value_type") else f"dtype: {_dtype(c.type)}\n") for c in table.schema)
+    sizes = "".join(f"  - name: {s}\n    num_bytes: {table.nbytes}\n    num_examples: {table.num_rows}\n"
+                    for s in splits)
+    return (f"  features:\n{feats}  splits:\n{sizes}  download_size: {file_bytes * len(splits)}\n"
+            f"  dataset_size: {table.nbytes * len(splits)}\n")
 
 
 def p3_config_names(count=2085):
@@ -526,24 +542,16 @@ def make_p3_repo(root_dir, configs=2085, rows_per_config=4, readme_bytes=1_500_0
     for name in names:
         kind = "score" if name.endswith("_score_eval") else "plain" if name in plain else "choices"
         own = name in real_configs
-        if own or kind not in shared:
-            table = p3_table(name, real_rows if own else rows_per_config, kind, seed)
-            buf = io.BytesIO()
+        if own or kind not in shared:  # the parquet bytes and the config's dataset_info body (after its name)
+            table, buf = p3_table(name, real_rows if own else rows_per_config, kind, seed), io.BytesIO()
             pq.write_table(table, buf, row_group_size=row_group_size)
-            entry = (buf.getvalue(), table)
-            if not own:
-                shared[kind] = entry
-        data, table = entry if own else shared[kind]
+            shared[name if own else kind] = buf.getvalue(), _dataset_info(table, splits, len(buf.getvalue()))
+        data, body = shared[name if own else kind]
         os.makedirs(os.path.join(top, name), exist_ok=True)
         for split in splits:
             with open(os.path.join(top, name, f"{split}-00000-of-00001.parquet"), "wb") as f:
                 f.write(data)
-        feats = "".join(f"  - name: {c.name}\n    " + (f"sequence: {_dtype(c.type.value_type)}\n" if
-                        hasattr(c.type, "value_type") else f"dtype: {_dtype(c.type)}\n") for c in table.schema)
-        sizes = "".join(f"  - name: {s}\n    num_bytes: {table.nbytes}\n    num_examples: {table.num_rows}\n"
-                        for s in splits)
-        info.append(f"- config_name: {name}\n  features:\n{feats}  splits:\n{sizes}"
-                    f"  download_size: {len(data) * len(splits)}\n  dataset_size: {table.nbytes * len(splits)}\n")
+        info.append(f"- config_name: {name}\n{body}")
         conf.append(f"- config_name: {name}\n  data_files:\n"
                     + "".join(f"  - split: {s}\n    path: {name}/{s}-*\n" for s in splits))
     head = ("---\nannotations_creators:\n- crowdsourced\n- expert-generated\nlanguage:\n- en\nlicense:\n- apache-2.0\n"

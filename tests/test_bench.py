@@ -1,19 +1,28 @@
 """Smoke tests of bench.py on the `tiny` preset: every configuration runs and reports sane numbers; no timing claims.
 
 The comparisons bench.py draws are only fair if the peers are the same model: these tests check that against
-transformers / peft themselves (equal parameter counts), and check evaluate.score_choices against bench's naive
-per-choice scorer (a brute-force reference written independently).
+transformers / peft themselves (equal parameter counts), check evaluate.score_choices against bench's naive
+per-choice scorer (a brute-force reference written independently), and check the FLOP count of bench_flops.py
+against torch's own FlopCounterMode on a real training step.
 """
 import json
+import types
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import bench_flops
+import build
+import t5
 
 TINY = ["--preset", "tiny", "--batch-size", "2", "--input-len", "16", "--target-len", "8", "--warmup", "1",
-        "--steps", "1", "--threads", "1", "--eval-examples", "3"]
-TRAIN_FIELDS = {"kind", "impl", "name", "method", "experts", "step_s", "step_s_all", "spread", "tokens_per_s", "loss",
-                "trainable_params", "total_params", "peak_mem_mb", "mem_method", "wall_s"}
+        "--steps", "1", "--threads", "1", "--eval-examples", "3", "--peak-n", "64"]
+TRAIN_FIELDS = {"kind", "impl", "name", "method", "experts", "dtype", "step_s", "step_s_all", "spread", "tokens_per_s",
+                "loss", "trainable_params", "total_params", "peak_mem_mb", "mem_method", "wall_s", "model_flops",
+                "model_flops_per_s"}
 EVAL_FIELDS = {"kind", "examples", "choices", "one_pass_s", "naive_s", "speedup", "spread", "max_abs_score_diff"}
 
 
@@ -21,7 +30,7 @@ EVAL_FIELDS = {"kind", "examples", "choices", "one_pass_s", "naive_s", "speedup"
 def in_process(tmp_path_factory):
     """One in-process run of every configuration, with peers and the evaluation comparison."""
     out = tmp_path_factory.mktemp("bench") / "bench.jsonl"
-    records = bench.main(TINY + ["--peer", "--in-process", "--out", str(out)])
+    records = bench.main(TINY + ["--peer", "--in-process", "--out", str(out), "--dtypes", "float32"])
     return records, out
 
 
@@ -37,7 +46,9 @@ def test_every_configuration_reports_positive_numbers(in_process):
             assert TRAIN_FIELDS <= r.keys(), TRAIN_FIELDS - r.keys()
             assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["trainable_params"] > 0
             assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0  # tiny models may fit in freed memory
-            assert r["loss"] > 0
+            assert r["loss"] > 0 and r["model_flops"] > 0
+        elif r["kind"] == "peak":
+            assert r["dtype"] == "float32" and r["peak_flops_per_s"] > 0
         else:
             assert EVAL_FIELDS <= r.keys(), EVAL_FIELDS - r.keys()
             assert r["one_pass_s"] > 0 and r["naive_s"] > 0 and r["speedup"] > 0
@@ -62,26 +73,82 @@ def test_one_encoder_pass_scores_equal_naive(in_process):
 
 def test_ordering_interleaves_ours_and_peer():
     """Each configuration's peer runs next to ours, the first of each pair alternating, the evaluation last."""
-    specs = bench.plan(bench.parse_args(TINY + ["--peer"]))
-    order = [(s["impl"], s["name"]) for s in specs]
-    assert order[:4] == [("ours", "full"), ("peer", "full"), ("peer", "ia3"), ("ours", "ia3")]
-    assert order[-1] == ("ours", "eval")
+    specs = bench.plan(bench.parse_args(TINY + ["--peer", "--dtypes", "float32,bfloat16"]))
+    order = [(s["impl"], s["name"], s["dtype"]) for s in specs]
+    assert order[:5] == [("ours", "matmul-peak", "float32"), ("ours", "full", "float32"), ("peer", "full", "float32"),
+                         ("peer", "ia3", "float32"), ("ours", "ia3", "float32")]
+    assert ("ours", "matmul-peak", "bfloat16") in order and order[-1] == ("ours", "eval", "float32")
 
 
 def test_markdown_states_every_target(in_process, capsys):
-    """The README table names the machine and says met / missed / n/a for each of the five targets."""
+    """The README table names the machine and says met / missed for every float32 target and the evaluation, and
+    "not measured" for the bf16 ones when only float32 ran."""
     records, _ = in_process
-    args = bench.parse_args(TINY + ["--peer"])
+    args = bench.parse_args(TINY + ["--peer", "--dtypes", "float32"])
     text = bench.markdown(records, args, total_s=1.0)
-    assert "torch" in text and "peft" in text and "cores" in text
+    assert "torch" in text and "peft" in text and "cores" in text and "of peak" in text
     rows = bench.targets(records)
-    assert len(rows) == 7  # speed and memory for (IA)3 and LoRA, MoV-30, MoLORA-10, evaluation
-    assert all(met in (True, False) for _, _, met in rows)
+    # per dtype: tokens/s and memory for (IA)3 and LoRA, MoV-30 and MoLORA-10 ratios; bf16: the peak fraction
+    assert len(rows) == 6 + 7 + 1
+    fp32, bf16 = [r for r in rows if r[0].startswith("fp32")], [r for r in rows if r[0].startswith("bf16")]
+    assert all(met in (True, False) for _, _, met in fp32 + rows[-1:])
+    assert all(met is None and "not measured" in value for _, value, met in bf16)
+
+
+def test_bf16_runs_ours_and_the_peer_under_autocast():
+    """--dtypes bfloat16 runs ours and the peer (in bf16 autocast) with the bf16 matmul peak, and fills the bf16
+    targets: the peak fraction is a percentage."""
+    records = bench.main(TINY + ["--methods", "ia3", "--peer", "--in-process", "--dtypes", "bfloat16"])
+    assert [(r["kind"], r["impl"], r["dtype"]) for r in records] == [
+        ("peak", "ours", "bfloat16"), ("train", "ours", "bfloat16"), ("train", "peer", "bfloat16")]
+    rows = {target: (value, met) for target, value, met in bench.targets(records)}
+    value, met = rows["bf16: our (IA)3 step at least 70% of the bf16 matmul peak"]
+    assert value.endswith("%") and met in (True, False)
+
+
+def test_dtypes_auto_adds_bf16_only_where_native(monkeypatch):
+    """--dtypes auto on the CPU is float32 plus bfloat16 exactly when build.cpu_native_bf16 finds native bf16."""
+    monkeypatch.setattr(build, "cpu_native_bf16", lambda: "AMX-BF16")
+    assert bench.parse_args(TINY + ["--device", "cpu"]).dtypes == ["float32", "bfloat16"]
+    monkeypatch.setattr(build, "cpu_native_bf16", lambda: "")
+    args = bench.parse_args(TINY + ["--device", "cpu"])
+    assert args.dtypes == ["float32"] and "bfloat16" in args.skipped
+
+
+def _sdpa_as_matmuls(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention written with plain matmuls, which FlopCounterMode counts (the fused CPU kernel
+    it does not know)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax(q @ k.transpose(-1, -2) * scale + attn_mask, -1) @ v
+
+
+RELU_T5 = t5.T5Config(96, 32, 8, 64, 2, 1, 4, feed_forward_proj="relu", tie_word_embeddings=True,
+                      scale_decoder_outputs=True)
+
+
+@pytest.mark.parametrize("cfg, method, experts", [
+    *[(t5.T5Config.preset("tiny"), m, e) for m, e in [("full", None), ("ia3", None), ("mov", 3), ("lora", None),
+                                                      ("molora", 3)]],
+    *[(RELU_T5, m, e) for m, e in [("full", None), ("ia3", None), ("mov", 3)]],  # LoRA's targets need wi_0
+])
+def test_flop_count_equals_torch_flop_counter(monkeypatch, cfg, method, experts):
+    """bench_flops.train_step_flops equals the matmul FLOPs torch's FlopCounterMode counts in one forward and
+    backward of the model (attention written as matmuls), exactly."""
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _sdpa_as_matmuls)
+    settings = types.SimpleNamespace(method=method, experts=experts, rank=4, alpha=16, top_k=None,
+                                     router_input="token")
+    model = build.add_adapters(t5.T5(cfg), settings).eval()  # eval: no dropout, same matmuls
+    ids, dec = torch.randint(2, cfg.vocab_size, (2, 12)), torch.randint(2, cfg.vocab_size, (2, 5))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, dec).logsumexp(-1).sum().backward()
+    expected = bench_flops.train_step_flops(cfg, method, experts, 4, 2, 12, 5)
+    assert expected["total"] == counter.get_total_flops()
 
 
 def test_worker_process_measures_memory():
     """The default path runs each configuration in a fresh worker process and reports its peak RSS growth."""
-    (record,) = bench.main(TINY + ["--methods", "lora"])
+    peak, record = bench.main(TINY + ["--methods", "lora", "--dtypes", "float32"])
+    assert peak["kind"] == "peak" and peak["peak_flops_per_s"] > 0
     assert record["impl"] == "ours" and record["name"] == "lora" and record["step_s"] > 0
     assert record["peak_mem_mb"] is not None and record["peak_mem_mb"] >= 0
     assert "in-process" not in record["mem_method"]
@@ -96,6 +163,7 @@ def test_unknown_method_is_an_error():
 @pytest.mark.xla
 def test_xla_timed_steps_do_not_recompile():
     """On XLA a MoV training step compiles during warm-up only: zero compilations over the timed steps."""
-    (record,) = bench.main(TINY + ["--methods", "mov-10", "--device", "xla", "--warmup", "2", "--steps", "2"])
+    _, record = bench.main(TINY + ["--methods", "mov-10", "--device", "xla", "--warmup", "2", "--steps", "2",
+                                   "--dtypes", "float32"])
     assert record["compiles_timed"] == 0
     assert record["step_s"] > 0

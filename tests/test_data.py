@@ -196,10 +196,9 @@ def test_epoch_reads_every_row_once(demo, shuffle):
 
 
 # ----------------------------------------------------------------------------------------------- P3 layout
-def write_p3_dir(root, rng, with_readme):
+def write_p3_dir(root, rng):
     """Two glue_mrpc training configs and one rte score_eval config in P3's schema (score rows shuffled)."""
-    configs = {"glue_mrpc_equivalent": "train", "glue_mrpc_paraphrase": "train"}
-    for config in configs:
+    for config in ("glue_mrpc_equivalent", "glue_mrpc_paraphrase"):
         write_config(root, config, "train", [p3_row(rng) for _ in range(30)], row_group_size=7)
     items = []
     for example in range(5):
@@ -210,47 +209,17 @@ def write_p3_dir(root, rng, with_readme):
                           "targets": [10 + choice, 1], "targets_pretokenized": f"c{choice}",
                           "answer_choices": ["c0", "c1"], "is_correct": choice == label, "weight": 1.0})
     rng.shuffle(items)
-    config = "super_glue_rte_does_this_imply_score_eval"
-    write_config(root, config, "validation", items)
-    configs[config] = "validation"
-    if with_readme:  # what the hub repo holds: a config -> data_files map in README.md
-        lines = ["---", "configs:"] + [f"- config_name: {c}\n  data_files:\n  - split: {s}\n    path: {c}/{s}-*"
-                                       for c, s in configs.items()] + ["---", ""]
-        with open(os.path.join(root, "README.md"), "w") as f:
-            f.write("\n".join(lines))
+    write_config(root, "super_glue_rte_does_this_imply_score_eval", "validation", items)
     return items
 
 
-def test_hub_and_local_sources_read_the_same(tmp_path, monkeypatch):
-    """`bigscience/P3` resolves files through datasets (mocked to a local repo) and serves the local dir's batches."""
-    import datasets
-    items = write_p3_dir(str(tmp_path), random.Random(0), with_readme=True)
-    calls = []
-    real_names, real_builder = datasets.get_dataset_config_names, datasets.load_dataset_builder
-
-    def names(path, **kw):
-        calls.append(("names", path))
-        return real_names(str(tmp_path), **kw)
-
-    def builder(path, name=None, **kw):
-        calls.append(("builder", path, name))
-        return real_builder(str(tmp_path), name, **kw)
-
-    monkeypatch.setattr(datasets, "get_dataset_config_names", names)
-    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
-    kwargs = dict(seed=0, batch_size=4, input_length=24, target_length=8,
-                  tasks=["glue_mrpc_equivalent", "glue_mrpc_paraphrase"])
-    hub, local = data.Mixture("bigscience/P3", **kwargs), data.Mixture(str(tmp_path), **kwargs)
-    assert hub.mixing_rates == {"glue_mrpc_equivalent": 3668.0, "glue_mrpc_paraphrase": 3668.0}
-    for _ in range(3):
-        a, b = hub.next_batch(), local.next_batch()
-        for k in data.FIELDS:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert ("names", "bigscience/P3") in calls and ("builder", "bigscience/P3", "glue_mrpc_equivalent") in calls
+def test_load_eval_groups_score_rows_by_example(tmp_path):
+    """Shuffled `_score_eval` rows come back one item per idx[0], choices ordered by idx[1], label = the correct
+    choice; max_examples keeps the first examples. (Hub sources: tests/test_hub.py.)"""
+    items = write_p3_dir(str(tmp_path), random.Random(0))
     with pytest.warns(UserWarning, match="left out"):  # the table's 9 other RTE templates are absent
-        evals = data.load_eval("bigscience/P3", datasets=["rte"])
-    got = evals["rte"]["super_glue_rte_does_this_imply_score_eval"]
-    for example, item in enumerate(got):  # grouped by idx[0], choices ordered by idx[1]
+        got = data.load_eval(str(tmp_path), datasets=["rte"])["rte"]["super_glue_rte_does_this_imply_score_eval"]
+    for example, item in enumerate(got):
         rows = sorted((r for r in items if r["idx"][0] == example), key=lambda r: r["idx"][1])
         assert item["inputs"] == rows[0]["inputs"] and item["choices"] == [r["targets"] for r in rows]
         assert item["label"] == [r["is_correct"] for r in rows].index(True)

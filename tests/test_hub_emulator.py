@@ -125,7 +125,7 @@ def test_hffs_reads_a_parquet_row_group_with_byte_ranges(hub, hub_root):
     assert sum(b - a + 1 for a, b in spans) < local.stat().st_size  # never fetched in full
 
 
-def test_interrupted_download_resumes_with_a_range_and_failures_surface(hub, hub_root):
+def test_interrupted_download_is_retried_and_failures_surface(hub, hub_root):
     data = (hub_root[0] / "models" / MODEL / "model.safetensors").read_bytes()
     hub.truncate_paths = {"model.safetensors": len(data) // 2}  # the next response body stops half-way
     path = hf_hub_download(MODEL, "model.safetensors")
@@ -139,13 +139,8 @@ def test_interrupted_download_resumes_with_a_range_and_failures_surface(hub, hub
     assert err.value.response.status_code == 403
 
 
-@pytest.fixture
-def datasets():
-    """Imported before `hub` patches the environment, so use_hub patches (and later restores) datasets.config."""
-    return pytest.importorskip("datasets")
-
-
-def test_datasets_resolves_configs_and_data_files(datasets, tmp_path, monkeypatch):
+def test_datasets_resolves_configs_and_data_files(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
     # A 3-config P3: `datasets` parses the README's YAML with pure-Python PyYAML, ~10 s for the 2085-config card.
     configs = make_p3_repo(tmp_path / "hub", [REAL, f"{REAL}_score_eval", "glue_mrpc_equivalent"], readme_bytes=0,
                            real_configs=[REAL])
@@ -154,8 +149,9 @@ def test_datasets_resolves_configs_and_data_files(datasets, tmp_path, monkeypatc
         sha = HfApi().dataset_info("bigscience/P3").sha
         assert sorted(datasets.get_dataset_config_names("bigscience/P3")) == configs
         builder = datasets.load_dataset_builder("bigscience/P3", REAL)
+        expected = f"hf://datasets/bigscience/P3@{sha}/{REAL}/{{}}-00000-of-00001.parquet"
         assert {s: list(f) for s, f in builder.config.data_files.items()} == {
-            s: [f"hf://datasets/bigscience/P3@{sha}/{REAL}/{s}-00000-of-00001.parquet"] for s in ("train", "validation")}
+            s: [expected.format(s)] for s in ("train", "validation")}
         assert builder.info.features["answer_choices"].feature.dtype == "string"
         paths = {r.path.split("?")[0] for r in hub.requests}
         assert all(p.startswith(HUB_PREFIXES) for p in paths) and not [p for p in paths if "datasets-server" in p]
@@ -163,20 +159,34 @@ def test_datasets_resolves_configs_and_data_files(datasets, tmp_path, monkeypatc
 
 
 def test_only_the_emulator_is_contacted(hub):
-    HfApi().list_repo_tree("bigscience/P3", f"{REAL}", repo_type="dataset")
+    assert len(list(HfApi().list_repo_tree("bigscience/P3", REAL, repo_type="dataset"))) == 2
     hf_hub_download(MODEL, "config.json")
     with HfFileSystem().open(f"datasets/bigscience/P3/{REAL}/validation-00000-of-00001.parquet") as f:
         pq.read_metadata(f)
     paths = [r.path for r in hub.requests]
     assert paths and all(p.startswith(HUB_PREFIXES) or p == "/api/agent-harnesses" for p in paths), paths
     assert not [p for p in paths if "datasets-server" in p or "telemetry" in p]
-    assert set(hub.hosts) <= {"127.0.0.1"}, hub.hosts
+    assert set(hub.hosts) == {"127.0.0.1"}, hub.hosts  # any other host would have been resolved first
 
 
 def test_stop_closes_kept_alive_connections_and_threads(hub_root):
     with HubEmulator(hub_root[0]) as emulator:
         conn = socket.create_connection(("127.0.0.1", int(emulator.url.rsplit(":", 1)[1])))
         conn.sendall(b"GET /api/models/google/t5-small-lm-adapt HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert conn.recv(12) == b"HTTP/1.1 200"  # the connection stays open (keep-alive) in a handler thread
+        assert conn.makefile("rb").readline().startswith(b"HTTP/1.1 200")  # kept alive in a handler thread
     assert not [t for t in threading.enumerate() if t.name.startswith("hub-emulator")]
     conn.close()
+
+
+def test_use_hub_patches_the_clients_constants_and_restores_them(tmp_path):
+    import huggingface_hub.constants as c
+    datasets_config = pytest.importorskip("datasets.config")
+    state = lambda: (c.ENDPOINT, c.HUGGINGFACE_CO_URL_TEMPLATE, c.HF_HUB_OFFLINE, c.HF_HUB_CACHE,  # noqa: E731
+                     datasets_config.HF_ENDPOINT, datasets_config.HF_HUB_OFFLINE, os.environ.get("HF_ENDPOINT"))
+    before = state()
+    with pytest.MonkeyPatch.context() as mp:
+        use_hub(mp, "http://127.0.0.1:9", tmp_path)
+        assert state() == ("http://127.0.0.1:9", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}", False,
+                           str(tmp_path / "hub"), "http://127.0.0.1:9", False, "http://127.0.0.1:9")
+        assert hf_hub_url(MODEL, "config.json") == f"http://127.0.0.1:9/{MODEL}/resolve/main/config.json"
+    assert state() == before

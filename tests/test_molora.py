@@ -201,7 +201,7 @@ def test_bf16_autocast_and_bf16_weights(kind):
         if not molora.is_adapter_param(n):
             p.data = p.data.to(torch.bfloat16)
     half = hf_logits(model)
-    assert half.dtype == torch.bfloat16
+    assert half.dtype == (torch.float32 if kind == "ours" else torch.bfloat16)  # t5.py's logits layer: fp32 (T5X)
     for out in (auto, half):  # bf16 keeps ~3 significant digits; through 4 blocks allow 5% of the logit range
         assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
 

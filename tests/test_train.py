@@ -50,7 +50,7 @@ def test_loss_is_t5x_average_per_sequence_with_z_loss():
 
 
 def test_count_params_xl_matches_reference_table(capsys):
-    """--count-params on the meta device prints REFERENCE section 4's trainable counts for xl."""
+    """--count-params on the meta device prints the original's trainable counts for xl (see test_param_counts)."""
     expected = {("mov", 10): "7,956,480", ("mov", 30): "23,869,440", ("ia3", 1): "540,672",
                 ("lora", 1): "7,471,104", ("molora", 15): "126,074,880"}
     for (method, experts), count in expected.items():
