@@ -9,12 +9,14 @@ benchmark; this file is ours.
 
 Usage:
     python bench.py --peer --markdown                     # small preset, 2 threads, < 10 min on 2 CPU cores
-    python bench.py --methods ia3,mov-30 --steps 10 --out bench.jsonl
-    python bench.py --device cuda --preset base --batch-size 32 --input-len 1024 --target-len 256 --peer
+    python bench.py --methods ia3,mov-30 --steps 10 --dtypes float32,bfloat16 --out bench.jsonl
+    python bench.py --device cuda --preset xl --batch-size 32 --input-len 1024 --target-len 256 --methods mov-30 \
+        --peer --dtypes bfloat16                          # MFU of the paper's MoV-30 step on a GPU
 
-This file plans the runs (each configuration in a fresh `python bench.py --worker SPEC` process, ours and the
-peer's interleaved, the first of each pair alternating), collects their JSON records and writes the markdown report
-with the README's performance targets; what one run measures, and how, is bench_measure.py.
+This file plans the runs (per dtype: the matmul peak, then each configuration in a fresh `python bench.py --worker
+SPEC` process, ours and the peer's interleaved, the first of each pair alternating), collects their JSON records
+and writes the markdown report with the README's performance targets, each met or missed with its measured value;
+what one run measures, and how, is bench_measure.py; the FLOP count and the peak, bench_flops.py.
 """
 import argparse
 import datetime
@@ -270,9 +272,9 @@ def parse_args(argv=None):
         native = args.device != "cpu" or build.cpu_native_bf16()
         args.dtypes = ["float32"] + (["bfloat16"] if native else [])
         if not native:
-            args.skipped["bfloat16"] = ("bf16 not measured: this CPU has no native bf16 matmul (AVX512-BF16 or AMX) "
-                                        "and --dtypes auto skips it; --dtypes float32,bfloat16 runs the emulated path "
-                                        "(tens of times slower)")
+            args.skipped["bfloat16"] = ("not measured in bf16: this CPU has no native bf16 matmul (AVX512-BF16 or "
+                                        "AMX) and --dtypes auto skips it; --dtypes float32,bfloat16 runs the emulated "
+                                        "path (tens of times slower)")
     else:
         args.dtypes = list(dict.fromkeys(d.strip() for d in args.dtypes.split(",") if d.strip()))
         bad = [d for d in args.dtypes if d not in ("float32", "bfloat16")]

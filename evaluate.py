@@ -23,6 +23,10 @@ Differences from the original, on purpose:
   - Routing analysis: per-task mean routing probability over real tokens; at decoder sites over the tokens of all
     choices of an example (the model reads every choice, whatever the label), at encoder sites over input tokens.
 """
+if __name__ == "__main__":  # before the imports below: Ctrl-C while torch loads ends with one line
+    import cli
+    cli.catch_early_interrupt()
+
 import argparse
 import contextlib
 import os
@@ -381,10 +385,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (OSError, ValueError) as err:  # bad input, unreachable or damaged files: the message, no traceback
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:  # Ctrl-C: the result files are written at the end, each atomically
-        print("error: interrupted before the results were written", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli.run(main, interrupted="error: interrupted before the results were written (each result file is "
+                                       "written atomically at the end)"))

@@ -19,6 +19,10 @@ T5X's own inference default is a beam search of width one with length penalty 0.
 EncoderDecoderModel, `t5x/decoding.py` beam_search), which can differ from greedy where an early EOS loses to a
 longer answer.
 """
+if __name__ == "__main__":  # before the imports below: Ctrl-C while torch loads ends with one line
+    import cli
+    cli.catch_early_interrupt()
+
 import argparse
 import contextlib
 import json
@@ -300,10 +304,4 @@ def main(argv=None, out=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (OSError, ValueError) as err:  # bad input, unreachable or damaged files: the message, no traceback
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli.run(main, interrupted="error: interrupted"))

@@ -17,15 +17,18 @@ Usage:
 Deviations from the original, each with the flag that restores it, are listed in the README. The run directory
 (`--out`) is described in rundir.py; re-running the same command with the same --out resumes exactly.
 """
-import argparse
+import cli as command_line
+
+if __name__ == "__main__":  # before torch loads: Ctrl-C then ends with one line
+    command_line.catch_early_interrupt()
+
+import argparse  # noqa: E402  (the interrupt handler goes first)
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,6 +43,7 @@ import routing as routing_health
 import rundir
 from losses import loss_fn, model_inputs  # noqa: F401  (train.loss_fn: part of this module's interface)
 import sharding  # imports torch-xla only inside its XLA functions
+import train_log
 
 
 def setting(default, help):
@@ -207,67 +211,6 @@ def train_step(model, optimizer, batch: dict, cfg: Config, autocast: bool, group
     return total, total_z, monitor.reduce(collected)
 
 
-class StepLog:
-    """log.jsonl and the progress bar. Pending steps reach the host once per interval; on XLA through a step
-    closure, which runs once the queued graphs have executed, so the loop never waits for the device."""
-
-    def __init__(self, cfg: Config, step: int, xla: bool, main: bool = True, monitor=None):
-        from tqdm import tqdm
-        self.cfg, self.xla, self.pending, self.tokens, self.t0, self.last = cfg, xla, [], 0, time.perf_counter(), None
-        self.monitor = monitor  # routing.Monitor: names the routing-health values (and warns on a collapse)
-        self.file = rundir.open_log(cfg.out, step) if main else open(os.devnull, "w")  # data parallel: rank 0 writes
-        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.method} {cfg.model}", dynamic_ncols=True,
-                        disable=not main)
-
-    def add(self, step, loss, z, examples, tokens, health=None):
-        self.pending.append((step, loss, z, examples, health))
-        self.tokens += tokens
-        self.bar.update(1)
-
-    def flush(self):
-        if not self.pending:
-            return
-        elapsed, self.t0 = time.perf_counter() - self.t0, time.perf_counter()
-        entries, rate, self.pending, self.tokens = self.pending, self.tokens / max(elapsed, 1e-9), [], 0
-        if self.xla:
-            import torch_xla.core.xla_model as xm
-            xm.add_step_closure(self._write, args=(entries, rate))
-        else:
-            self._write(entries, rate)
-
-    def _write(self, entries, rate):
-        values = torch.stack([torch.cat([torch.stack([l, z]).float()] + ([] if h is None else [h.float()]))
-                              for _, l, z, _, h in entries]).cpu().tolist()  # one transfer
-        for (s, _, _, seen, _), (l, z, *health) in zip(entries, values):
-            if not math.isfinite(l):
-                found = rundir.checkpoints(self.cfg.out)
-                raise FloatingPointError(f"loss is {l} at step {s}; stopping. The newest checkpoint, "
-                                         f"{found[-1][1] if found else '(none yet)'}, is intact; try a lower --lr "
-                                         "or --dtype float32")
-            self.last = {"step": s, "loss": l, "z_loss": z, "lr": self.cfg.lr, "tokens_per_s": round(rate, 1),
-                         "examples_seen": seen, **(self.monitor.fields(s, health) if health else {})}
-            self.file.write(json.dumps(self.last) + "\n")
-        self.file.flush()
-        self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", tok_s=f"{rate:,.0f}")
-
-    def close(self):
-        self.bar.close()
-        self.file.close()
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGINT / SIGTERM set `stop["signal"]` instead of killing the process: the loop ends with a checkpoint."""
-    stop = {"signal": None}
-    previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 # ----------------------------------------------------------------------------------------------- main
 def main(cfg: Config) -> dict:
     # --- setup: device, run directory (refuse another run's directory before writing anything)
@@ -314,7 +257,9 @@ def main(cfg: Config) -> dict:
     distributed.seed_dropout(group, cfg.seed, step)  # ranks > 0: a stream of their own
 
     def to_device(batch: dict) -> dict:
-        out = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+        cuda = device.type == "cuda"  # pinned and non-blocking: the copy does not wait for the queued steps
+        out = {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) if cuda else
+               torch.from_numpy(v).to(device) for k, v in batch.items()}
         return sharding.shard_batch(out, mesh) if xla else out
 
     trained = distributed.wrap(model, group, device)  # DDP all-reduces the trainable parameters' gradients
@@ -333,10 +278,10 @@ def main(cfg: Config) -> dict:
         distributed.barrier(group)  # no process goes on (or reads it) before the checkpoint is complete
 
     # --- loop: step, log, checkpoint; SIGINT/SIGTERM end it with a checkpoint
-    log, saved = StepLog(cfg, step, xla, group.main, monitor), step
+    log, saved = train_log.StepLog(cfg, step, xla, group.main, monitor), step
     model.train()
     try:
-        with stop_on_signals() as stop:
+        with train_log.stop_on_signals() as stop:
             while step < cfg.steps and distributed.stop_signal(group, stop) is None:  # a signal to any process
                 batch = mixture.next_batch()
                 tokens = int((batch["encoder_segment_ids"] > 0).sum() + (batch["decoder_segment_ids"] > 0).sum())
@@ -381,25 +326,20 @@ def main(cfg: Config) -> dict:
     return result
 
 
+def command(argv) -> int:
+    """What the command line does: count, print the settings, or train (exit status 128 + a stopping signal)."""
+    cfg, action = parse_args(argv)
+    if action != "train":
+        print(build.count_params(cfg) if action == "count" else json.dumps(dataclasses.asdict(cfg), indent=1))
+        return 0
+    result = main(cfg)
+    return 128 + result["signal"] if result["signal"] is not None else 0
+
+
 def cli(argv=None) -> int:
-    """The command line: errors end with one `error: ...` line, a signal with exit status 128 + its number."""
-    try:
-        cfg, action = parse_args(argv)
-        if action == "count":
-            print(build.count_params(cfg))
-        elif action == "print":
-            print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        else:
-            result = main(cfg)
-            return 128 + result["signal"] if result["signal"] is not None else 0
-    except (OSError, ValueError, FloatingPointError) as err:  # bad input, unreachable or damaged files, NaN loss
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C outside the loop (start-up, evaluation): no checkpoint was being written
-        print("error: interrupted outside the training loop; every checkpoint is intact, run the same command to "
-              "resume", file=sys.stderr)
-        return 130
-    return 0
+    """The command line: errors end with one `error: ...` line (cli.py), a signal with exit status 128 + its number."""
+    return command_line.run(command, argv, interrupted="error: interrupted outside the training loop; every "
+                            "checkpoint is intact, run the same command to resume")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""What train.py, evaluate.py and generate.py share as command lines: bad input ends with one line, never a traceback.
+
+    if __name__ == "__main__":
+        import cli
+        cli.catch_early_interrupt()      # first thing: Ctrl-C while torch loads prints one line
+    ...
+    if __name__ == "__main__":
+        sys.exit(cli.run(main))
+
+Helpers raise ValueError or OSError whose message names the file or value and the fix; `run` prints it as
+`error: <message>` and returns 1. Warnings print as one `warning: <message>` line (Python would add the source line).
+"""
+import signal
+import sys
+import warnings
+
+
+def catch_early_interrupt():
+    """Until `run` starts, Ctrl-C exits with one line (importing torch takes seconds: a traceback would be noise)."""
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("error: interrupted while starting; nothing was written"))
+
+
+def run(main, argv=None, interrupted="error: interrupted; what was written is complete (every file is replaced "
+                                     "atomically)"):
+    """main(argv) with the errors a user can fix as one line: the exit status (0, 1, 130, or main's own int)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    try:
+        status = main(sys.argv[1:] if argv is None else argv)
+    except (OSError, ValueError, FloatingPointError) as err:  # bad input, unreachable or damaged files, a NaN loss
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    return status if isinstance(status, int) else 0
