@@ -123,7 +123,9 @@ def targets(records, skipped=None):
     train, rows = by_name(records), []
     for dtype in ("float32", "bfloat16"):
         measured = any(key[2] == dtype for key in train)
-        why_not = (skipped or {}).get(dtype, f"not measured (--dtypes lacks {dtype})")
+        # the full reason is printed once above the tables; each row names it briefly
+        why_not = ("not measured (see above)" if dtype in (skipped or {})
+                   else f"not measured (--dtypes lacks {dtype})")
 
         def add(target, value, met, needs):
             """One row; value None: not measured (the dtype was not run, or `needs` was missing)."""

@@ -11,7 +11,7 @@ sections 3-4), whose original is T5X + gin: for-ai/parameter-efficient-moe `conf
 
 Usage:
     python train.py --experts 30                      # the paper's MoV-30 run (needs the hub or local copies)
-    python train.py --experts 30 --preset demo        # tiny model, offline synthetic tasks, about a CPU minute
+    python train.py --experts 30 --preset demo        # tiny model, offline synthetic tasks, a few CPU minutes
     python train.py --method full --print-config      # the settings a run would use, as JSON
 
 Deviations from the original, each with the flag that restores it, are listed in the README. The run directory
