@@ -97,12 +97,23 @@ def train_step_flops(cfg, method, experts, rank, batch_size, input_len, target_l
     return {"forward": c.forward, "backward": c.backward, "total": c.forward + c.backward}
 
 
-def _sync(device):
+def synchronize(device):
+    """Wait for all queued work: CUDA kernels, or XLA's pending graph (cut, executed, waited for)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "xla":
         import torch_xla
         torch_xla.sync(wait=True)
+
+
+def _run(a, b, device):
+    """One a @ b, waited for. On XLA the product is kept alive and materialised: a lazy graph whose result nobody
+    holds would execute nothing."""
+    c = a @ b
+    if device.type == "xla":
+        c.sum().item()
+    synchronize(device)
+    return c
 
 
 def matmul_peak(dtype, device, n=2048, repeats=3, budget_s=20.0):
@@ -114,15 +125,13 @@ def matmul_peak(dtype, device, n=2048, repeats=3, budget_s=20.0):
     start, times = time.perf_counter(), []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        a @ b
-        _sync(device)
+        _run(a, b, device)
         if i > 0:
             times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > budget_s and times:
             break
     if not times:  # the untimed one alone exhausted the budget: time one more anyway
         t0 = time.perf_counter()
-        a @ b
-        _sync(device)
+        _run(a, b, device)
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(times), times

@@ -117,17 +117,6 @@ def random_batch(cfg, batch_size, input_len, target_len, seed, device):
 
 
 # ----------------------------------------------------------------------------------------------- device, memory
-def synchronize(device):
-    """Wait for all queued work: CUDA kernels, or XLA's pending graph (cut and executed)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "xla":
-        import torch_xla
-        import torch_xla.core.xla_model as xm
-        torch_xla.sync()
-        xm.wait_device_ops()
-
-
 def xla_compiles():
     """Compilations so far in this process (torch_xla.debug.metrics 'UncachedCompile' counter)."""
     import torch_xla.debug.metrics as met
@@ -196,7 +185,7 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
     optimizer = adafactor.Adafactor(params, lr=3e-4)
     input_ids, decoder_input_ids, targets = random_batch(cfg, batch_size, input_len, target_len, seed, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    synchronize(device)
+    bench_flops.synchronize(device)
     if memory is not None:
         memory.reset_peak()
 
@@ -213,13 +202,13 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
     # dropped: warm-up steps keep it too. Adafactor's first step (state creation) is a graph of its own.
     for _ in range(warmup):
         loss = step()
-        synchronize(device)
+        bench_flops.synchronize(device)
     compiles = xla_compiles() if device.type == "xla" else None
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
-        synchronize(device)
+        bench_flops.synchronize(device)
         times.append(time.perf_counter() - t0)
     record = {"step_s": statistics.median(times), "step_s_all": times, "spread": max(times) / min(times),
               "loss": float(loss.detach().float().cpu()),
@@ -290,7 +279,7 @@ def eval_run(cfg, device, batch_size, examples, input_len, target_len, steps, se
             t0 = time.perf_counter()
             with autocast:
                 scores[k] = fn()
-            synchronize(device)
+            bench_flops.synchronize(device)
             if i > 0:
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -17,7 +17,12 @@ import warnings
 
 def catch_early_interrupt():
     """Until `run` starts, Ctrl-C exits with one line (importing torch takes seconds: a traceback would be noise)."""
-    signal.signal(signal.SIGINT, lambda *_: sys.exit("error: interrupted while starting; nothing was written"))
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def _interrupted_while_starting(*_):
+    print("error: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 def run(main, argv=None, interrupted="error: interrupted; what was written is complete (every file is replaced "

@@ -87,7 +87,7 @@ def no_sync(model: torch.nn.Module, group: Group, last: bool):
 
 
 def example_counts(batch: dict, grad_accum: int) -> np.ndarray:
-    """Per micro-batch of a numpy batch: its number of examples with loss weight (train.loss_fn's normaliser),
+    """Per micro-batch of a numpy batch: its number of examples with loss weight (losses.loss_fn's normaliser),
     counted as distinct (row, segment id > 0) pairs whose weights sum above zero."""
     segments, weights = batch["decoder_segment_ids"], batch["decoder_loss_weights"]  # [B, T]
     total = np.zeros((segments.shape[0], int(segments.max(initial=0)) + 1))
@@ -97,7 +97,7 @@ def example_counts(batch: dict, grad_accum: int) -> np.ndarray:
 
 def share(batch: dict, group: Group, grad_accum: int) -> tuple[dict, Optional[list]]:
     """(this process's rows of the global numpy batch, its share of each micro-batch's examples), or (batch, None)
-    in a single process. Rows: of each micro-batch, the process's contiguous 1/world_size. train.loss_fn averages
+    in a single process. Rows: of each micro-batch, the process's contiguous 1/world_size. losses.loss_fn averages
     over the examples it is given; times the share it becomes the sum over them / the global micro-batch's count."""
     if group.world_size == 1:
         return batch, None

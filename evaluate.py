@@ -126,8 +126,9 @@ def score_and_route(model, inputs, choices, batch_size=16, input_length=None, ta
                 logits = logits.float()  # [B*C, T, V]; log-softmax in fp32 whatever the compute dtype
                 token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [B*C, T]
                 scores = (token_logp * tok_mask).sum(-1).view(batch_size, num_choices)  # [B, C]
-                routed = {name: routing_analysis.token_sums(name, enc_routing.get(name, m.last_routing), enc_mask.float(),
-                                              tok_mask, batch_size, num_choices) for name, m in layers.items()}
+                routed = {name: routing_analysis.token_sums(name, enc_routing.get(name, m.last_routing),
+                                                            enc_mask.float(), tok_mask, batch_size, num_choices)
+                          for name, m in layers.items()}
             if xla:
                 import torch_xla
                 torch_xla.sync()  # cut the lazy graph per batch; values stay on the device until the end

@@ -228,8 +228,8 @@ def read_prompts(args):
             f = sys.stdin if args.input_file == "-" else open(args.input_file, encoding="utf-8")
         except OSError as e:
             raise ValueError(f"--input-file {args.input_file}: {e.strerror}; pass a text file, one prompt a line")
-        with f:
-            prompts, where = f.read().splitlines(), f"--input-file {args.input_file} line"
+        with f:  # trailing blank lines (an editor's final newline) are no prompts
+            prompts, where = f.read().rstrip("\n").splitlines(), f"--input-file {args.input_file} line"
     else:
         prompts, where = args.prompts, "prompt"
     if not prompts:

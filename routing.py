@@ -28,8 +28,14 @@ _ENCODER_SIDE = re.compile(r"^encoder\.|\.EncDecAttention\.(k|v)(\.|$)")
 
 
 def default_sites(model):
-    """The last decoder block's FFN activation: the site evaluate.py --routing and generate.py --routing use."""
-    return (f"decoder.block.{len(model.decoder.block) - 1}.layer.2.DenseReluDense.act",)
+    """The last decoder block's routed FFN layer, the site evaluate.py --routing and generate.py --routing use:
+    MoV's activation (`act`), or MoLORA's first FFN projection (`wi_0`)."""
+    ffn = f"decoder.block.{len(model.decoder.block) - 1}.layer.2.DenseReluDense"
+    for leaf in ("act", "wi_0"):
+        module = getattr(model.get_submodule(ffn), leaf, None)
+        if getattr(module, "num_experts", None) is not None:
+            return (f"{ffn}.{leaf}",)
+    return (f"{ffn}.act",)  # no router there: routed_layers names the routed layers in its error
 
 
 def routed_layers(model, sites):
@@ -40,7 +46,7 @@ def routed_layers(model, sites):
             module = model.get_submodule(name)
         except AttributeError:
             module = None
-        if module is None or not hasattr(module, "record_routing"):
+        if module is None or not hasattr(module, "record_routing") or getattr(module, "num_experts", None) is None:
             routed = [n for n, m in model.named_modules() if getattr(m, "num_experts", None) is not None
                       and hasattr(m, "record_routing")]
             raise ValueError(f"routing site {name!r} is not a routed MoV/MoLORA layer of this model; routed layers "
@@ -144,6 +150,16 @@ class Monitor:
         self.encoder_side = [bool(_ENCODER_SIDE.search(n)) for n, _ in self.sites]
         for _, m in self.sites:
             m.record_stats, m.aux_loss = True, aux_loss
+
+    def close(self):
+        """Stop recording: the layers' forwards (an evaluation after training) then compute nothing extra."""
+        for _, m in self.sites:
+            m.record_stats, m.aux_loss, m.last_stats, m.last_aux_loss = False, False, None, None
+
+    def close(self):
+        """Stop recording: the layers' forwards (an evaluation after training) then compute nothing extra."""
+        for _, m in self.sites:
+            m.record_stats, m.aux_loss, m.last_stats, m.last_aux_loss = False, False, None, None
 
     @contextlib.contextmanager
     def masks(self, batch):

@@ -41,8 +41,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE)
 LOG_FILE = "log.jsonl"
-# The settings that make a checkpoint belong to a run: another value refuses to resume it.
-IDENTITY = ("method", "experts", "rank", "alpha", "top_k", "router_input", "router_bias", "model")
+# The settings that make a checkpoint belong to a run, each with the methods whose tensors it shapes (--experts
+# means nothing to ia3, --rank nothing to mov): another value of one that applies refuses to resume.
+_ROUTED, _LORA = ("mov", "molora"), ("lora", "molora")
+IDENTITY = {"method": build.METHODS, "model": build.METHODS, "experts": _ROUTED, "top_k": _ROUTED,
+            "router_input": _ROUTED, "router_bias": _ROUTED, "rank": _LORA, "alpha": _LORA}
 _ADDED_LATER = {"router_bias": False}  # identity settings that older run directories do not record
 _TEMP = re.compile(r"\.(tmp|trash)-.*|.*\.tmp-\d+")
 
@@ -137,7 +140,7 @@ def check_same_run(settings, run_dir, log=print):
     if not isinstance(saved, dict):
         return  # a new run, or one whose settings nothing kept: resume() checks the tensors themselves
     diff = [f"{k}: saved {saved.get(k, _ADDED_LATER.get(k))!r}, asked {settings.get(k)!r}" for k in IDENTITY
-            if saved.get(k, _ADDED_LATER.get(k)) != settings.get(k)]
+            if settings.get("method") in IDENTITY[k] and saved.get(k, _ADDED_LATER.get(k)) != settings.get(k)]
     if diff:
         raise RunDirError(f"run directory {run_dir} holds another run ({'; '.join(diff)}). Use another --out, or "
                           "the saved settings to resume it")
@@ -191,7 +194,7 @@ def save_checkpoint(run_dir, step, model, optimizer, data_state, settings, keep)
         save_file(trainable, os.path.join(tmp, TRAINABLE_FILE))
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            rng["cuda"] = torch.cuda.get_rng_state()  # this process's device: resumable on any number of GPUs
         # torch.save to a file reports a full disk as a bare RuntimeError ("unexpected pos"); through memory
         # (the factored Adafactor state is small) the write is Python's, whose OSError carries the errno
         optimizer_bytes = io.BytesIO()
@@ -297,7 +300,8 @@ def resume(run_dir, model, optimizer, load_data_state, log=print):
             load_data_state(state["data"])
             torch.set_rng_state(extra["rng"]["cpu"])
             if "cuda" in extra["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+                cuda = extra["rng"]["cuda"]  # one device's state (older checkpoints: a list, one per device)
+                torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
         except (RunDirError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
             log(f"skipping checkpoint {path}: {e}")  # the next one overwrites whatever this one set
             continue

@@ -93,7 +93,8 @@ def activation_bytes_per_row(config, method, experts=30, rank=4, input_length=10
     # per query: the attention mask (bf16 per key; fp32 weights when the position bias trains) and log-sum-exp
     pair = 4 if method == "full" else 2
     enc = 4 * 2 * d + 2 * 4 * a + pair * heads * li + 4 * heads + 2 * 3 * f
-    dec = 4 * 3 * d + 2 * 6 * a + pair * heads * lt + (4 * heads if method == "full" else 2) * li + 8 * heads + 2 * 3 * f
+    cross_mask = (4 * heads if method == "full" else 2) * li  # cross-attention's mask has no head axis
+    dec = 4 * 3 * d + 2 * 6 * a + pair * heads * lt + cross_mask + 8 * heads + 2 * 3 * f
     cross = 2 * 2 * a
     once = 4 * d * (li + lt) + 8 * vocab * lt  # final norms' inputs, fp32 logits and log-softmax
     if method in ("mov", "ia3"):

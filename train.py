@@ -14,8 +14,9 @@ Usage:
     python train.py --experts 30 --preset demo        # tiny model, offline synthetic tasks, a few CPU minutes
     python train.py --method full --print-config      # the settings a run would use, as JSON
 
-Deviations from the original, each with the flag that restores it, are listed in the README. The run directory
-(`--out`) is described in rundir.py; re-running the same command with the same --out resumes exactly.
+Deviations from the original, each with the flag that restores it, are in the README's "Deviations from the
+original". The run directory (`--out`) is described in rundir.py; re-running the same command with the same --out
+resumes exactly.
 """
 import cli as command_line
 
@@ -55,7 +56,8 @@ def setting(default, help):
 @dataclass
 class Config:
     # what is trained (configs/mov.gin, molora.gin: 10 experts released; the paper's table also has 30 and 15)
-    method: str = setting("mov", "mov (mixture of (IA)3 vectors), molora (mixture of LoRA), ia3, lora, or full fine-tuning")
+    method: str = setting("mov", "mov (mixture of (IA)3 vectors), molora (mixture of LoRA), ia3, lora, or full "
+                                 "fine-tuning")
     experts: int = setting(10, "number of experts for mov / molora")
     rank: int = setting(4, "LoRA rank for lora / molora (the paper: 4; the released configs/lora.gin: 16)")
     alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank")
@@ -67,7 +69,8 @@ class Config:
     load_balance_weight: float = setting(0.0, "add this x Switch Transformer's load-balancing loss (mean over sites)")
     router_input: str = setting("token", "token: the router reads the activation it rescales; sentence: one embedding "
                                    "per example (an ablation)")
-    model: str = setting("xl", "tiny (random, offline), small..xxl (google/t5-<size>-lm-adapt), a directory or a hub name")
+    model: str = setting("xl", "tiny (random, offline), small..xxl (google/t5-<size>-lm-adapt), a directory or a "
+                               "hub name")
     data: str = setting("bigscience/P3", "bigscience/P3 (hub), a local directory in P3's layout, or demo (offline)")
     # the recipe (configs/*.gin, scripts/*_train.sh; T5X's finetune defaults)
     steps: int = setting(500_000, "optimizer steps in all (a resumed run continues up to this count)")
@@ -84,7 +87,8 @@ class Config:
     # the hardware
     dtype: str = setting("auto", "activations: auto (bf16 autocast on accelerators, fp32 on CPU), float32 or bfloat16")
     device: str = setting("auto", "auto (TPU through torch-xla, then CUDA, then CPU), cpu, cuda or xla")
-    fsdp: int = setting(1, "XLA SPMD: devices along the axis that shards the frozen weights (the rest is data parallel)")
+    fsdp: int = setting(1, "XLA SPMD: devices along the axis that shards the frozen weights (the rest is data "
+                           "parallel)")
     remat: bool = setting(False, "recompute each T5 block in the backward instead of keeping its activations")
     # the run
     out: str = setting("", "run directory; re-running with it resumes (default runs/[<preset>-]<method>[-<experts>])")
@@ -172,6 +176,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--router-input sentence applies to --method mov only, got {cfg.method}")
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
+    # a re-entrant checkpoint re-runs each block in the backward, without the forward's graph and contexts
+    if cfg.remat and (cfg.load_balance_weight or cfg.router_input == "sentence"):
+        raise ValueError("--remat cannot be combined with --load-balance-weight or --router-input sentence (the "
+                         "recomputed blocks lack the forward's graph and embeddings); drop one of them")
     if os.path.isdir(cfg.model):  # a model directory's config.json, read before anything is built
         try:
             build.model_config(cfg)
@@ -202,9 +210,9 @@ def train_step(model, optimizer, batch: dict, cfg: Config, autocast: bool, group
                 loss, z = loss * shares[i], z * shares[i]
             balance = monitor.balance_loss() if cfg.load_balance_weight else None  # mean over this process's rows
             objective = loss if balance is None else loss + cfg.load_balance_weight * balance / group.world_size
+            collected.append(monitor.collect(balance))  # before the backward, which --remat makes run blocks again
             (objective * (group.world_size / cfg.grad_accum)).backward()  # x world_size: DDP averages the gradients
         total, total_z = total + loss.detach() / cfg.grad_accum, total_z + z.detach() / cfg.grad_accum
-        collected.append(monitor.collect(balance))
     total, total_z = distributed.all_sum(group, total, total_z)  # data parallel: the global loss
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -223,7 +231,7 @@ def main(cfg: Config) -> dict:
     autocast, activations = build.activations(cfg.dtype, device)
     settings = {**dataclasses.asdict(cfg), "activations": "bfloat16" if autocast else "float32",
                 "world_size": group.world_size}  # resolved, recorded; neither is part of the run's identity
-    rundir.check_same_run(settings, cfg.out)
+    rundir.check_same_run(settings, cfg.out, log=say)
     say(activations + distributed.describe(group))
 
     # --- model: backbone, adapters (base weights frozen), sharded over the mesh on XLA
@@ -307,6 +315,7 @@ def main(cfg: Config) -> dict:
         return result
 
     # --- evaluation of the trained adapters on the held-out tasks
+    monitor.close()
     if cfg.evaluate and group.main:
         import evaluate
         import report

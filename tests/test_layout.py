@@ -154,3 +154,37 @@ def test_freeze_base_leaves_other_adapters_alone():
     molora.freeze_base(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {n for n, _ in model.named_parameters() if mov.is_adapter_param(n)}
+
+
+def test_default_routing_site_is_the_routed_ffn_layer_of_each_method():
+    """routing.default_sites names the last decoder FFN's routed layer: `act` for MoV, `wi_0` for MoLORA; an
+    (IA)3 layer (no router) is refused as a routing site before any forward."""
+    import routing
+    for inject, leaf in ((lambda m: mov.add_mov(m, 3), "act"), (lambda m: molora.add_molora(m, 3), "wi_0")):
+        model = inject(tiny_t5())
+        (site,) = routing.default_sites(model)
+        assert site.endswith(f"layer.2.DenseReluDense.{leaf}")
+        assert routing.routed_layers(model, (site,))[site].num_experts == 3
+    ia3 = mov.add_ia3(tiny_t5())
+    with pytest.raises(ValueError, match="not a routed"):
+        routing.routed_layers(ia3, routing.default_sites(ia3))
+
+
+def test_resume_identity_compares_only_the_settings_a_method_uses(tmp_path):
+    """check_same_run refuses another --experts for mov but not for ia3 (which has no experts), and another
+    --rank for lora but not for mov."""
+    import json
+    import rundir
+    base = dict(method="ia3", model="tiny", experts=10, rank=4, alpha=16.0, top_k=None, router_input="token",
+                router_bias=False)
+    for method, changed, refused in (("ia3", {"experts": 30}, False), ("mov", {"experts": 30}, True),
+                                     ("mov", {"rank": 8}, False), ("lora", {"rank": 8}, True)):
+        run = tmp_path / f"{method}-{'-'.join(changed)}-{refused}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({**base, "method": method}))
+        asked = {**base, "method": method, **changed}
+        if refused:
+            with pytest.raises(ValueError, match="holds another run"):
+                rundir.check_same_run(asked, str(run))
+        else:
+            rundir.check_same_run(asked, str(run))
