@@ -227,13 +227,11 @@ def save_checkpoint(run_dir, step, model, optimizer, data_state, settings, keep)
 
 def _to_host(obj):
     """A copy of nested dicts / lists of tensors with every tensor on the CPU (from CUDA, or gathered from XLA)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to("cpu")
     if isinstance(obj, dict):
         return {k: _to_host(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_host(v) for v in obj)
-    return obj
+    return obj.to("cpu") if isinstance(obj, torch.Tensor) else obj
 
 
 def read_trainable(path):
