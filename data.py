@@ -11,7 +11,7 @@ section 3): the original code (for-ai/parameter-efficient-moe) trains T5X on the
 - `load_eval`: the 111 `*_score_eval` configs of the MoV paper grouped by dataset, one item per example.
 - `SentenceEmbedder`: the frozen sentence encoder of the paper's ablation on the router's input (token vs.
   sentence embeddings).
-The pieces live in their own files and are re-exported here under their old names: `Tokenizer` (tokenizer.py),
+The pieces live in their own files and are re-exported here: `Tokenizer` (tokenizer.py),
 `pack_examples` and `FIELDS` (packing.py), the P3 source, task stream and tables (p3_source.py), and the offline
 demo, `demo_dir` (demo_data.py).
 
@@ -44,7 +44,7 @@ from tokenizer import EOS, PAD
 # Re-exported: other files and the tests use these as data.<name> (demo_dir, TRAIN_TABLE, EVAL_TABLE above too).
 from p3_source import P3_HUB, TABLE_DIR  # noqa: F401
 from packing import FIELDS, pack_examples  # noqa: F401
-from tokenizer import NUM_EXTRA_IDS, UNK, Tokenizer  # noqa: F401
+from tokenizer import Tokenizer  # noqa: F401
 
 # The paper's columns (Table 1); ANLI's three rounds are averaged into one column before the overall mean.
 EVAL_DATASETS = [("anli_r1", "ANLI R1"), ("anli_r2", "ANLI R2"), ("anli_r3", "ANLI R3"), ("cb", "CB"),

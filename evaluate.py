@@ -169,7 +169,7 @@ def predict(scores):
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def _bucket(n, cap):
+def padded_length(n, cap):
     """Smallest power of two >= n (at least 8), capped: few distinct shapes, so XLA compiles few graphs."""
     return min(cap, max(8, 1 << (int(n) - 1).bit_length()))
 
@@ -219,8 +219,8 @@ def evaluate(model, eval_sets, *, batch_size=16, input_length=1024, target_lengt
                     emb = sentence_embedder(texts)
                 scores, routed = score_and_route(
                     model, inputs, choices, batch_size=batch_size, device=device, sentence_embeddings=emb,
-                    input_length=_bucket(max(len(x) for x in inputs), input_length),
-                    target_length=_bucket(max(len(c) for chs in choices for c in chs), target_length),
+                    input_length=padded_length(max(len(x) for x in inputs), input_length),
+                    target_length=padded_length(max(len(c) for chs in choices for c in chs), target_length),
                     routing_sites=routing_sites, progress=bar)
                 correct = [it["label"] is not None and predict(s) == it["label"] for s, it in zip(scores, items)]
                 tasks[dataset][template] = {"accuracy": 100.0 * float(np.mean(correct)), "examples": len(items),
@@ -246,7 +246,7 @@ def evaluate(model, eval_sets, *, batch_size=16, input_length=1024, target_lengt
 
 
 # ----------------------------------------------------------------------------------------------- command line
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, unless its help already says what the default means."""
 
     def _get_help_string(self, action):
@@ -298,7 +298,7 @@ def check_model_flags(p, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=_Help)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=HelpFormatter)
     add_model_flags(p)
     p.add_argument("--data", default=None, help="bigscience/P3 (hub), a local P3-layout directory, or demo "
                    "(default: the run's data source with --run, else bigscience/P3)")

@@ -97,7 +97,7 @@ def greedy(model, inputs, max_new_tokens=32, batch_size=16, input_length=1024, d
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rows = min(batch_size, len(inputs))
-    length = evaluate._bucket(max(len(x) for x in inputs), input_length)
+    length = evaluate.padded_length(max(len(x) for x in inputs), input_length)
     was_training, answers = model.training, []
     model.eval()
     try:
@@ -187,7 +187,7 @@ def show_demo_answers(model, cfg, device, count=2):
 # ----------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=evaluate._Help)
+                                formatter_class=evaluate.HelpFormatter)
     p.add_argument("prompts", nargs="*", help="instructions to answer, each one argument (default: none; give "
                    "prompts or --input-file)")
     evaluate.add_model_flags(p)
@@ -271,7 +271,7 @@ def main(argv=None, out=None):
     if choices is not None and (not all(choices) or len(set(choices)) < len(choices)):
         raise ValueError(f"--choices {args.choices!r} has an empty or repeated choice; give distinct "
                          "comma-separated answers")
-    length = evaluate._bucket(max(len(x) for x in inputs), args.input_length)
+    length = evaluate.padded_length(max(len(x) for x in inputs), args.input_length)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=build.autocast_enabled(args.dtype, device)):
         if choices is not None:
             targets = [[tok.encode(c) + [EOS] for c in choices]] * len(inputs)
@@ -282,7 +282,7 @@ def main(argv=None, out=None):
         if choices is not None or sites:
             scores, routed = evaluate.score_and_route(
                 model, [x[:length] for x in inputs], targets, batch_size=args.batch_size, input_length=length,
-                target_length=evaluate._bucket(max(len(t) for ts in targets for t in ts), 1 << 30), device=device,
+                target_length=evaluate.padded_length(max(len(t) for ts in targets for t in ts), 1 << 30), device=device,
                 sentence_embeddings=emb, routing_sites=sites)
     results = []
     for i, prompt in enumerate(prompts):
