@@ -52,7 +52,7 @@ def plan(args):
     """The specs to run, in order, per dtype: the matmul peak, then each configuration's ours/peer pair interleaved
     (the first of each pair alternating); the evaluation comparison last, in the first dtype."""
     common = {k: getattr(args, k) for k in ("preset", "batch_size", "input_len", "target_len", "warmup", "steps",
-                                            "threads", "device", "seed", "peak_n")}
+                                            "threads", "device", "seed", "peak_n", "compile")}
     specs, pairs = [], 0
     for dtype in args.dtypes:
         specs.append({"kind": "peak", "impl": "ours", "name": "matmul-peak", **common, "dtype": dtype})
@@ -170,7 +170,8 @@ def markdown(records, args, total_s):
              + (f", GPU {m['gpu']}" if m["gpu"] and args.device == "cuda" else "")
              + f"; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; {m['date']}.",
              f"Preset `{args.preset}` (random weights), batch {args.batch_size}, input {args.input_len} + target "
-             f"{args.target_len} tokens, median of {args.steps} timed steps after {args.warmup} warm-up, Adafactor; "
+             f"{args.target_len} tokens, median of {args.steps} timed steps after {args.warmup} warm-up, Adafactor"
+             f"{', torch.compile (ours and the peer)' if args.compile else ''}; "
              f"total benchmark wall time {total_s:.0f} s.", ""]
     train = [r for r in records if r["kind"] == "train"]
     if train:
@@ -254,6 +255,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-examples", type=int, default=16, help="rank-classification items for the eval timing")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batches")
     p.add_argument("--peer", action="store_true", help="also run transformers + peft (full, ia3, lora)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model, ours and the peer's (train.py --compile; compiled in warm-up)")
     p.add_argument("--markdown", action="store_true", help="print the README table after the JSON lines")
     p.add_argument("--out", help="write the JSON lines to this file instead of stdout")
     p.add_argument("--in-process", action="store_true",
@@ -285,8 +288,10 @@ def parse_args(argv=None):
     for flag in ("batch_size", "input_len", "target_len", "steps", "threads", "eval_examples", "peak_n"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.warmup < (1 if args.compile else 0):
+        p.error(f"--warmup must be >= {1 if args.compile else 0} (compiling happens in warm-up), got {args.warmup}")
+    if args.compile and args.device == "xla":
+        p.error("--compile applies to cpu and cuda (on XLA every step is compiled already)")
     t5.T5Config.preset(args.preset)  # raises naming the presets
     if args.device not in ("cpu", "cuda", "xla"):
         p.error(f"--device must be cpu, cuda or xla, got {args.device!r}")

@@ -173,9 +173,10 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------------------------- training
 def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup, steps, seed, memory=None,
-              dtype="float32"):
-    """Build, then time `steps` training steps after `warmup` (dtype bfloat16: under bf16 autocast, fp32 weights);
-    returns a dict of measurements."""
+              dtype="float32", compile=False):
+    """Build, then time `steps` training steps after `warmup` (dtype bfloat16: under bf16 autocast, fp32 weights;
+    compile: the forward and backward through build.compiled, compiled during warm-up); returns a dict of
+    measurements."""
     gc.collect()
     if memory is not None:
         memory.baseline()
@@ -183,6 +184,7 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
     model = make_model(impl, name, cfg).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adafactor.Adafactor(params, lr=3e-4)
+    forward = build.compiled(model) if compile else model
     input_ids, decoder_input_ids, targets = random_batch(cfg, batch_size, input_len, target_len, seed, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     bench_flops.synchronize(device)
@@ -191,7 +193,7 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
 
     def step():
         with autocast:
-            logits = logits_of(impl, model, input_ids, decoder_input_ids)  # [b, T, V]
+            logits = logits_of(impl, forward, input_ids, decoder_input_ids)  # [b, T, V]
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         optimizer.step()
@@ -220,7 +222,7 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
         record["peak_mem_mb"] = memory.peak_mb()
     if impl == "peer":
         record["peer_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-    del model, optimizer, params
+    del model, forward, optimizer, params
     return record
 
 
@@ -311,7 +313,8 @@ def run_spec(spec, in_process=False):
                   dtype=dtype)
         memory = PeakMemory(device, in_process)
         measured = train_run(spec["impl"], spec["name"], cfg, device, warmup=spec["warmup"], steps=spec["steps"],
-                             seed=spec["seed"], memory=memory, dtype=dtype, **sizes)
+                             seed=spec["seed"], memory=memory, dtype=dtype, compile=spec.get("compile", False),
+                             **sizes)
         measured["tokens_per_s"] = spec["batch_size"] * (spec["input_len"] + spec["target_len"]) / measured["step_s"]
         method, experts = CONFIGS[spec["name"]]  # the peer's model is the same model: the same FLOPs
         measured["model_flops"] = bench_flops.train_step_flops(cfg, method, experts, RANK, **sizes)["total"]

@@ -90,6 +90,19 @@ def autocast_enabled(dtype: str, device: torch.device) -> bool:
     return activations(dtype, device)[0]
 
 
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile(model) (inductor) for training steps of fixed shapes; `model` itself stays eager (saved,
+    evaluated). Two settings keep the compiled step the eager one: mov.py, molora.py and t5.py ask
+    torch.amp.is_autocast_available in their float32 helpers, a constant per device that dynamo would otherwise
+    treat as a graph break at every site; and inductor draws random numbers with ATen's generator as eager does
+    (fallback_random; on the CPU it leaves t5.Dropout's bernoulli_ to ATen anyway), so dropout masks, and with them
+    the losses and an exact resume, equal eager's."""
+    import torch._inductor.config  # torch's compiler: loaded only for --compile
+    torch.compiler.assume_constant_result(torch.amp.is_autocast_available)
+    torch._inductor.config.fallback_random = True
+    return torch.compile(model)
+
+
 # ----------------------------------------------------------------------------------------------- model
 def hub_name(model: str) -> str:
     """--model as a checkpoint to load: a size means google/t5-<size>-lm-adapt; else a directory or hub name."""

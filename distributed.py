@@ -16,9 +16,10 @@ training is the single-process one, exactly:
   - rank 0 alone writes config.json, log.jsonl and the checkpoints; the others wait at a barrier after each
     checkpoint, so none reads a half-written one. A checkpoint resumes on any number of processes that divides
     --batch-size / --grad-accum (world_size is recorded in config.json but is not part of the run's identity);
-  - dropout: rank 0 keeps the single-process stream (seed + 2, restored on resume); rank r > 0 draws from its own
-    stream seeded by (seed, r, the step it started at), so a resumed multi-process run draws other masks on ranks
-    > 0 than an uninterrupted one (with --dropout 0 resuming is exact).
+  - dropout: every process draws from the same RNG stream (seed + 2, or the checkpoint's state) the mask of the
+    global micro-batch and keeps its own rows (t5.Dropout.rows, set by `share_dropout`), so the masks, and the
+    losses, are the single process's exactly, also after resuming on another number of processes. Router jitter
+    (--router-jitter) is drawn per process at its own rows' shape from that stream: not the single process's noise.
 A SIGINT / SIGTERM on any process stops all of them after the same step (the flag is all-reduced every step over
 a gloo group: no device synchronisation), with one checkpoint. XLA runs data parallel through SPMD in a single
 process (sharding.py, --fsdp); torchrun with --device xla is refused.
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import build
+import t5
 
 
 @dataclass
@@ -133,11 +135,12 @@ def stop_signal(group: Group, stop: dict) -> Optional[int]:
     return stop["signal"]
 
 
-def seed_dropout(group: Group, seed: int, step: int) -> None:
-    """Ranks > 0 draw dropout from their own stream, seeded by (seed, rank, the step they start at); rank 0 keeps
-    the single-process one."""
-    if group.rank > 0:
-        torch.manual_seed((seed + 2) * 1_000_003 + group.rank * 7919 + step)
+def share_dropout(model: torch.nn.Module, group: Group) -> None:
+    """Each t5.Dropout of `model` draws the global micro-batch's mask and keeps this process's rows (see above)."""
+    if group.world_size > 1:
+        for m in model.modules():
+            if isinstance(m, t5.Dropout):
+                m.rows = (group.rank, group.world_size)
 
 
 def close(group: Group) -> None:

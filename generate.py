@@ -57,13 +57,15 @@ def vocab_file(args):
     if not isinstance(model, str):
         raise rundir.RunDirError(f"{os.path.join(args.run, 'config.json')} names no model; it was not written by "
                                  "this train.py. Pass --model and --adapter instead of --run")
-    if source == "demo" or model == "tiny":
+    if source == "demo":
         return os.path.join(demo_data.demo_dir(), "spiece.model")
     name = build.hub_name(model)
     looked = [os.path.join(d, "spiece.model") for d in (name, source) if isinstance(d, str) and os.path.isdir(d)]
     for path in looked:
         if os.path.isfile(path):
             return path
+    if model == "tiny":  # the random tiny model trained on data without its own vocabulary: the demo's
+        return os.path.join(demo_data.demo_dir(), "spiece.model")
     if not os.path.isdir(name):
         try:
             from huggingface_hub import hf_hub_download

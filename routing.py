@@ -156,11 +156,6 @@ class Monitor:
         for _, m in self.sites:
             m.record_stats, m.aux_loss, m.last_stats, m.last_aux_loss = False, False, None, None
 
-    def close(self):
-        """Stop recording: the layers' forwards (an evaluation after training) then compute nothing extra."""
-        for _, m in self.sites:
-            m.record_stats, m.aux_loss, m.last_stats, m.last_aux_loss = False, False, None, None
-
     @contextlib.contextmanager
     def masks(self, batch):
         """Within the block, each site's statistics cover the real tokens of `batch` (segment id > 0)."""

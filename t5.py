@@ -21,16 +21,13 @@ Usage:
 
 Deviations from HF: broadcast dropout by default ("elementwise" is HF's); fp32 logits (HF: the compute dtype);
 attention by F.scaled_dot_product_attention (HF's "sdpa"; under bf16 autocast the bias is cast to bf16 and the
-softmax runs in the kernel: measured within 1% of fp32 attention, no worse than the eager fp32-softmax path, which
-only elementwise dropout in training still takes); from_pretrained(dtype=bf16) casts every tensor, `wo` too (HF
-keeps it fp32: use fp32 weights and autocast); no fp16 (the mask value assumes bf16's range); generate() re-runs
+softmax runs in the kernel: within 1% of fp32 attention); from_pretrained(dtype=bf16) casts every tensor, `wo` too
+(HF keeps it fp32: use fp32 weights and autocast); no fp16 (the mask value assumes bf16's range); generate() re-runs
 the full decoder each step, no KV cache (same tokens, fixed shapes, O(n^2) work).
 """
 import contextlib
 import dataclasses
-import json
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -79,26 +76,9 @@ class T5Config:
 
     @classmethod
     def from_hf(cls, path_or_dict):
-        """Read a HF config.json (a dict, the file, or its directory). Tying is only a guess here: from_pretrained
-        decides it from the weight files. Rescaling follows `scale_decoder_outputs` (transformers 5.x writes it and
-        always says tie_word_embeddings=True) or else `tie_word_embeddings` (hub files written by 4.x)."""
-        d = path_or_dict
-        if not isinstance(d, dict):
-            path = os.path.join(d, "config.json") if os.path.isdir(d) else d
-            with open(path) as f:
-                try:
-                    d = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} is not valid JSON ({e}); download the model's config.json again") from e
-        if d.get("model_type", "t5") not in ("t5", "mt5"):
-            raise ValueError(f"config model_type is {d['model_type']!r}; this file implements T5 only")
-        tie = d.get("tie_word_embeddings", True)  # HF's default when the key is absent
-        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None}
-        kw.update(num_decoder_layers=d.get("num_decoder_layers") or d["num_layers"], tie_word_embeddings=tie,
-                  scale_decoder_outputs=d.get("scale_decoder_outputs", tie))
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0]
-        return cls(**kw)
+        """Read a HF config.json (a dict, the file, or its directory): see t5_weights.read_config."""
+        import t5_weights
+        return t5_weights.read_config(cls, path_or_dict)
 
 
 def _lm_adapt(d_model, d_ff, layers, heads):
@@ -162,29 +142,42 @@ def _additive(ok):
     return torch.where(ok, 0.0, torch.finfo(torch.bfloat16).min / 2)
 
 
-class BroadcastDropout(nn.Dropout):
-    """Dropout with one mask shared along `broadcast_dim` (size 1 there), scaled by 1/(1-p); identity in eval or at
-    p = 0. flax.linen.Dropout(broadcast_dims=(broadcast_dim,)), as T5X trains T5 (see `_dropout`)."""
+class Dropout(nn.Dropout):
+    """Dropout scaled by 1/(1-p), identity in eval or at p = 0, elementwise (HF's) or with one mask shared along
+    `broadcast_dim` (size 1 there): flax.linen.Dropout(broadcast_dims=(broadcast_dim,)). Under torchrun
+    distributed.py sets `rows` = (rank, world_size): every process draws the mask of world_size x its rows from the
+    RNG stream they share and keeps rows rank*b:(rank+1)*b, so N processes drop what one process with the whole
+    batch drops (one contiguous draw: neither thread count nor layout changes a mask)."""
+    rows = (0, 1)
 
-    def __init__(self, p, broadcast_dim=-2):
+    def __init__(self, p, broadcast_dim=None):
         super().__init__(p)
         self.broadcast_dim = broadcast_dim
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        keep = torch.empty_like(x.narrow(self.broadcast_dim, 0, 1)).bernoulli_(1 - self.p)  # size 1 along the dim
+        (rank, world), shape = self.rows, list(x.shape)
+        if self.broadcast_dim is not None:
+            shape[self.broadcast_dim] = 1
+        keep = x.new_empty([shape[0] * world] + shape[1:]).bernoulli_(1 - self.p)[rank * shape[0]:][:shape[0]]
         return x * keep * (1 / (1 - self.p))
 
     def extra_repr(self):
         return f"p={self.p}, broadcast_dim={self.broadcast_dim}"
 
 
+class BroadcastDropout(Dropout):
+    """Dropout with one mask shared along `broadcast_dim`, as T5X trains T5 (see `_dropout`)."""
+
+    def __init__(self, p, broadcast_dim=-2):
+        super().__init__(p, broadcast_dim)
+
+
 def _dropout(cfg, broadcast_dim=-2):
     """T5X's DROPOUT_FACTORY = linen.Dropout(broadcast_dims=(-2,)): one mask for all positions of [b, L, features]."""
-    if cfg.dropout_mask == "broadcast":
-        return BroadcastDropout(cfg.dropout_rate, broadcast_dim)
-    return nn.Dropout(cfg.dropout_rate)
+    broadcast = cfg.dropout_mask == "broadcast"
+    return BroadcastDropout(cfg.dropout_rate, broadcast_dim) if broadcast else Dropout(cfg.dropout_rate)
 
 
 def _no_autocast(device):  # autocast off on `device` (nothing to do where autocast does not exist, e.g. meta)

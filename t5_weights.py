@@ -1,4 +1,4 @@
-"""Loading Hugging Face T5 checkpoints into t5.T5: files, hub download, the strict name and shape check.
+"""Loading Hugging Face T5 checkpoints into t5.T5: config.json, files, hub download, the strict name and shape check.
 
 The paper adapts the T5 v1.1 LM-adapted checkpoints (Lester et al. 2021), released for T5X as
 `t5_1_1_lm100k_<size>` (the original's `configs/*.gin`) and on the Hugging Face hub as `google/t5-<size>-lm-adapt`,
@@ -86,6 +86,29 @@ def _open_lazily(file):
     # zip-format .bin (torch >= 1.6) is memory-mapped like safetensors; a legacy (pre-1.6) .bin is read whole
     state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
+
+
+def read_config(config_cls, path_or_dict):
+    """A `config_cls` (t5.T5Config) from a HF config.json: a dict, the file, or its directory. Tying is only a guess
+    here: `load` decides it from the weight files. Rescaling follows `scale_decoder_outputs` (transformers 5.x
+    writes it and always says tie_word_embeddings=True) or else `tie_word_embeddings` (hub files written by 4.x)."""
+    d = path_or_dict
+    if not isinstance(d, dict):
+        path = os.path.join(d, "config.json") if os.path.isdir(d) else d
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); download the model's config.json again") from e
+    if d.get("model_type", "t5") not in ("t5", "mt5"):
+        raise ValueError(f"config model_type is {d['model_type']!r}; this file implements T5 only")
+    tie = d.get("tie_word_embeddings", True)  # HF's default when the key is absent
+    kw = {f.name: d[f.name] for f in dataclasses.fields(config_cls) if d.get(f.name) is not None}
+    kw.update(num_decoder_layers=d.get("num_decoder_layers") or d["num_layers"], tie_word_embeddings=tie,
+              scale_decoder_outputs=d.get("scale_decoder_outputs", tie))
+    if isinstance(kw.get("eos_token_id"), list):
+        kw["eos_token_id"] = kw["eos_token_id"][0]
+    return config_cls(**kw)
 
 
 def _resolve(name_or_path):

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -90,6 +91,8 @@ class Config:
     fsdp: int = setting(1, "XLA SPMD: devices along the axis that shards the frozen weights (the rest is data "
                            "parallel)")
     remat: bool = setting(False, "recompute each T5 block in the backward instead of keeping its activations")
+    compile: bool = setting(False, "torch.compile the training forward and backward (CPU or CUDA, one process): the "
+                                   "first step compiles for minutes, later steps run faster; same losses as eager")
     # the run
     out: str = setting("", "run directory; re-running with it resumes (default runs/[<preset>-]<method>[-<experts>])")
     seed: int = setting(0, "seed of the data mixture, the adapter init and dropout")
@@ -144,6 +147,8 @@ def parse_args(argv=None) -> tuple[Config, str]:
         values["out"] = os.path.join("runs", prefix + build.run_name(values["method"], values["experts"]))
     cfg = Config(**values)
     validate(cfg)
+    if args.eval_max_examples is not None and not cfg.evaluate:
+        raise ValueError("--eval-max-examples applies with --evaluate only; add --evaluate or drop it")
     return cfg, "count" if args.count_params else "print" if args.print_config else "train"
 
 
@@ -180,6 +185,9 @@ def validate(cfg: Config) -> None:
     if cfg.remat and (cfg.load_balance_weight or cfg.router_input == "sentence"):
         raise ValueError("--remat cannot be combined with --load-balance-weight or --router-input sentence (the "
                          "recomputed blocks lack the forward's graph and embeddings); drop one of them")
+    if cfg.compile and (cfg.remat or build.device_kind(cfg.device) == "xla"):
+        raise ValueError("--compile applies to eager CPU or CUDA steps without --remat (on XLA every step is "
+                         "compiled already); drop --compile or --remat")
     if os.path.isdir(cfg.model):  # a model directory's config.json, read before anything is built
         try:
             build.model_config(cfg)
@@ -226,8 +234,12 @@ def main(cfg: Config) -> dict:
     xla = build.device_kind(cfg.device) == "xla"
     if xla:
         sharding.enable_spmd()  # before the first XLA tensor of the process
+    if cfg.compile and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--compile under torchrun is not supported (untested with DDP); run without --compile")
     group, device = distributed.setup(cfg.device, cfg.batch_size, cfg.grad_accum)  # torchrun: data parallel
     say = print if group.main else lambda *args: None  # rank 0 alone prints and writes the run directory
+    if not group.main:
+        warnings.simplefilter("ignore")  # the data's warnings too: once, from rank 0
     autocast, activations = build.activations(cfg.dtype, device)
     settings = {**dataclasses.asdict(cfg), "activations": "bfloat16" if autocast else "float32",
                 "world_size": group.world_size}  # resolved, recorded; neither is part of the run's identity
@@ -241,6 +253,7 @@ def main(cfg: Config) -> dict:
         model = sharding.shard_model(model, mesh, cfg.method, device, remat=cfg.remat)
     elif cfg.remat:
         sharding.apply_remat(model, checkpoint=sharding.torch_checkpoint)
+    distributed.share_dropout(model, group)  # torchrun: the single process's dropout masks
 
     # --- optimizer: Adafactor over the trainable tensors only (the frozen backbone holds no state)
     optimizer = adafactor.Adafactor([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -250,7 +263,7 @@ def main(cfg: Config) -> dict:
     mixture = data.Mixture(cfg.data, seed=cfg.seed, batch_size=cfg.batch_size, input_length=cfg.input_length,
                            target_length=cfg.target_length, pack=cfg.router_input != "sentence",
                            sentence_embedder=data.SentenceEmbedder() if cfg.router_input == "sentence" else None,
-                           notice_dir=cfg.out)  # the full list of table configs the source lacks
+                           notice_dir=cfg.out if group.main else None)  # the table configs the source lacks
 
     # --- resume from the newest loadable checkpoint; the settings are written only now, once all checks passed
     if group.main:
@@ -262,7 +275,6 @@ def main(cfg: Config) -> dict:
         say(f"resuming {cfg.out} from step {step}")
     else:
         torch.manual_seed(cfg.seed + 2)  # dropout stream
-    distributed.seed_dropout(group, cfg.seed, step)  # ranks > 0: a stream of their own
 
     def to_device(batch: dict) -> dict:
         cuda = device.type == "cuda"  # pinned and non-blocking: the copy does not wait for the queued steps
@@ -271,6 +283,8 @@ def main(cfg: Config) -> dict:
         return sharding.shard_batch(out, mesh) if xla else out
 
     trained = distributed.wrap(model, group, device)  # DDP all-reduces the trainable parameters' gradients
+    if cfg.compile:
+        trained = build.compiled(trained)  # the first step compiles; `model` stays eager
     monitor = routing_health.Monitor(model, aux_loss=cfg.load_balance_weight > 0)  # mov / molora: routing health
     step_fn = lambda batch, shares: train_step(trained, optimizer, batch, cfg, autocast, group, shares,  # noqa: E731
                                                monitor)

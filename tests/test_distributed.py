@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun (distributed.py): two CPU processes (gloo) train exactly as one process with
-the same global batch, and their checkpoint resumes on one process or two. Tiny model, demo data, dropout 0."""
+the same global batch, dropout masks included, and their checkpoint resumes on one process or two. Tiny model, demo
+data with its dropout (0.1, T5X's broadcast masks)."""
 import json
 import os
 import shutil
@@ -18,8 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 # global batch 4 in 2 micro-batches: each of 2 processes holds 1 row of each (the no_sync path is exercised too)
 ARGS = ["--preset", "demo", "--batch-size", "4", "--grad-accum", "2", "--input-length", "32", "--target-length", "8",
-        "--log-every", "1", "--save-every", "2", "--no-evaluate", "--device", "cpu", "--dtype", "float32",
-        "--dropout", "0"]
+        "--log-every", "1", "--save-every", "2", "--no-evaluate", "--device", "cpu", "--dtype", "float32"]
 
 
 def losses(out):
@@ -102,6 +102,7 @@ def step_gradients(args):
     cfg, _ = train.parse_args(args)
     group, device = distributed.setup("cpu", cfg.batch_size, cfg.grad_accum)
     model = build.build_model(cfg, device)
+    distributed.share_dropout(model, group)  # every process draws the whole batch's masks and keeps its rows
     torch.manual_seed(1)
     for name, p in model.named_parameters():  # B = 0 at init would leave A and the router without gradient
         if name.endswith("lora_B"):
@@ -131,11 +132,13 @@ CHILD = ("import sys, torch; sys.path[:0] = ['tests', '.']; import test_distribu
          "grads = t.step_gradients(sys.argv[2:]); int(__import__('os').environ['RANK']) or torch.save(grads, sys.argv[1])")
 
 
-def test_data_parallel_gradients_equal_one_process(tmp_path):
-    """The adapters' gradients after DDP's all-reduce (2 processes, 2 micro-batches) equal one process's on the
-    whole batch: the loss of each process is scaled so that DDP's averaging gives the global gradient."""
+@pytest.mark.parametrize("mask", ["broadcast", "elementwise"])
+def test_data_parallel_gradients_equal_one_process(tmp_path, mask):
+    """The adapters' gradients after DDP's all-reduce (2 processes, 2 micro-batches, dropout 0.2 with either mask)
+    equal one process's on the whole batch: the loss of each process is scaled so that DDP's averaging gives the
+    global gradient, and each process drops its rows as the single process does."""
     args = ["--preset", "demo", "--method", "molora", "--experts", "3", "--batch-size", "4", "--grad-accum", "2",
-            "--dropout", "0", "--device", "cpu"]
+            "--dropout", "0.2", "--dropout-mask", mask, "--device", "cpu"]
     port, procs = str(free_port()), []
     for rank in range(2):
         env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),

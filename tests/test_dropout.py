@@ -230,3 +230,21 @@ def test_sdpa_under_bf16_autocast_stays_close_to_float32():
     assert torch.isfinite(padded).all()
     err, err_eager = (((y.float() - want).abs().max() / want.abs().max()).item() for y in (got, eager))
     assert err < 0.02 and err <= 1.5 * err_eager + 1e-3, (err, err_eager)
+
+
+@pytest.mark.parametrize("make", [lambda: t5.BroadcastDropout(P), lambda: t5.BroadcastDropout(P, broadcast_dim=-1),
+                                  lambda: t5.Dropout(P)], ids=["broadcast-length", "broadcast-last", "elementwise"])
+def test_process_rows_of_the_mask_equal_the_single_process_mask(make):
+    """With rows = (rank, 3) and the same RNG state, each of 3 processes applied to its third of a batch gives that
+    third of what one process gives on the whole batch (torchrun data parallelism, distributed.share_dropout)."""
+    x = torch.randn(6, 5, 8)
+    torch.manual_seed(7)
+    whole = make().train()(x)
+    parts = []
+    for rank in range(3):
+        m = make().train()
+        m.rows = (rank, 3)
+        torch.manual_seed(7)
+        parts.append(m(x[2 * rank:2 * rank + 2]))
+    assert (whole == 0).any() and (whole != 0).any()
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)

@@ -238,3 +238,19 @@ def test_greedy_sentence_routed_rows_use_their_own_embedding():
     swapped = generate.greedy(model, inputs, max_new_tokens=5, batch_size=2,
                               sentence_embeddings=emb[::-1].copy().astype(np.float32))
     assert swapped != got  # the embedding matters, so the check above can fail
+
+
+def test_tiny_run_on_local_data_reads_the_data_vocabulary(tmp_path):
+    """A run of the random tiny model on a local data directory: the vocabulary is that directory's spiece.model;
+    without one there, and for the demo data, it is the demo's."""
+    data_dir, run = tmp_path / "p3", tmp_path / "run"
+    data_dir.mkdir()
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dict(model="tiny", data=str(data_dir))))
+    args = types.SimpleNamespace(vocab=None, run=str(run), model="tiny")
+    demo = os.path.join(demo_data.demo_dir(), "spiece.model")
+    assert generate.vocab_file(args) == demo  # the directory has no vocabulary yet
+    shutil.copy(demo, data_dir / "spiece.model")
+    assert generate.vocab_file(args) == str(data_dir / "spiece.model")
+    (run / "config.json").write_text(json.dumps(dict(model="tiny", data="demo")))
+    assert generate.vocab_file(args) == demo
