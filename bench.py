@@ -171,7 +171,7 @@ def markdown(records, args, total_s):
              + f"; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; {m['date']}.",
              f"Preset `{args.preset}` (random weights), batch {args.batch_size}, input {args.input_len} + target "
              f"{args.target_len} tokens, median of {args.steps} timed steps after {args.warmup} warm-up, Adafactor"
-             f"{', torch.compile (ours and the peer)' if args.compile else ''}; "
+             f"{', training steps torch.compiled (peak memory includes compiling)' if args.compile else ''}; "
              f"total benchmark wall time {total_s:.0f} s.", ""]
     train = [r for r in records if r["kind"] == "train"]
     if train:

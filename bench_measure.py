@@ -184,6 +184,8 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
     model = make_model(impl, name, cfg).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adafactor.Adafactor(params, lr=3e-4)
+    if compile:
+        torch._dynamo.reset()  # a fresh compile per model (--in-process: no recompile limit across configurations)
     forward = build.compiled(model) if compile else model
     input_ids, decoder_input_ids, targets = random_batch(cfg, batch_size, input_len, target_len, seed, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")

@@ -339,8 +339,10 @@ class SentenceEmbedder:
             found = dict(db.execute(f"SELECT key, vec FROM emb WHERE key IN ({marks})", sorted(set(keys))))
             todo = sorted({k: t for k, t in zip(keys, texts) if k not in found}.items())
             if todo:
-                self._encode = self._encode or self._load()
-                vecs = np.asarray(self._encode([t for _, t in todo]), dtype=np.float32)
+                import torch  # loading and encoding draw nothing from the training's RNG: whether this process
+                with torch.random.fork_rng(devices=[]):  # met a cache miss must not change its dropout masks
+                    self._encode = self._encode or self._load()
+                    vecs = np.asarray(self._encode([t for _, t in todo]), dtype=np.float32)
                 rows = [(k, v.tobytes()) for (k, _), v in zip(todo, vecs)]
                 db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)", rows)
                 found.update(rows)

@@ -16,10 +16,11 @@ training is the single-process one, exactly:
   - rank 0 alone writes config.json, log.jsonl and the checkpoints; the others wait at a barrier after each
     checkpoint, so none reads a half-written one. A checkpoint resumes on any number of processes that divides
     --batch-size / --grad-accum (world_size is recorded in config.json but is not part of the run's identity);
-  - dropout: every process draws from the same RNG stream (seed + 2, or the checkpoint's state) the mask of the
-    global micro-batch and keeps its own rows (t5.Dropout.rows, set by `share_dropout`), so the masks, and the
-    losses, are the single process's exactly, also after resuming on another number of processes. Router jitter
-    (--router-jitter) is drawn per process at its own rows' shape from that stream: not the single process's noise.
+  - dropout and router jitter: every process draws from the same RNG stream (seed + 2, or the checkpoint's state)
+    the masks (and --router-jitter noise) of the global micro-batch and keeps its own rows (`rows` of t5.Dropout
+    and of the mov.py / molora.py layers, set by `share_noise`), so they, and the losses, are the single process's
+    exactly, also after resuming on another number of processes; each process draws the global batch's random
+    numbers (cheap: a broadcast mask is one value per row and feature).
 A SIGINT / SIGTERM on any process stops all of them after the same step (the flag is all-reduced every step over
 a gloo group: no device synchronisation), with one checkpoint. XLA runs data parallel through SPMD in a single
 process (sharding.py, --fsdp); torchrun with --device xla is refused.
@@ -135,11 +136,12 @@ def stop_signal(group: Group, stop: dict) -> Optional[int]:
     return stop["signal"]
 
 
-def share_dropout(model: torch.nn.Module, group: Group) -> None:
-    """Each t5.Dropout of `model` draws the global micro-batch's mask and keeps this process's rows (see above)."""
+def share_noise(model: torch.nn.Module, group: Group) -> None:
+    """Each t5.Dropout and routed layer (router_jitter) of `model` draws the global micro-batch's random numbers and
+    keeps this process's rows (see above)."""
     if group.world_size > 1:
         for m in model.modules():
-            if isinstance(m, t5.Dropout):
+            if isinstance(m, t5.Dropout) or hasattr(m, "router_jitter"):
                 m.rows = (group.rank, group.world_size)
 
 

@@ -45,8 +45,9 @@ from tokenizer import EOS, UNK, Tokenizer
 
 # ----------------------------------------------------------------------------------------------- vocabulary
 def vocab_file(args):
-    """The spiece.model for the chosen model: --vocab, the demo's (data demo or --model tiny), the model
-    directory's or hub repository's, or a run's local data directory's. ValueError says where it looked."""
+    """The spiece.model for the chosen model: --vocab; the demo's for a run on the demo data; the model directory's
+    or a run's local data directory's; the demo's for the random tiny model; the hub repository's. ValueError says
+    where it looked."""
     if args.vocab is not None:
         path = os.path.join(args.vocab, "spiece.model") if os.path.isdir(args.vocab) else args.vocab
         if not os.path.isfile(path):

@@ -64,14 +64,23 @@ def _fp32(device):
     return contextlib.nullcontext()  # meta and other devices without autocast
 
 
-def route(x, kernel, top_k=None, bias=None, jitter=0.0):
+def jitter_noise(x, jitter, rows=(0, 1)):
+    """u ~ U[1 - jitter, 1 + jitter] of x's shape. rows = (rank, world_size) when the batch (x's first dim) is split
+    over data-parallel processes: each draws the whole batch's noise from the RNG stream they share and keeps its
+    rows, so N processes draw what one process with the whole batch draws."""
+    (rank, world), b = rows, x.shape[0]
+    u = x.new_empty((b * world, *x.shape[1:])).uniform_(1.0 - jitter, 1.0 + jitter)
+    return u if world == 1 else u[rank * b:(rank + 1) * b].clone()
+
+
+def route(x, kernel, top_k=None, bias=None, jitter=0.0, rows=(0, 1)):
     """(probs, full), [..., d] x [d, E] -> [..., E] each: full = softmax((x * u) @ kernel + bias) in float32, with
-    u ~ U[1 - jitter, 1 + jitter] per element (none at jitter 0); probs = full, or with top_k all but the k largest
-    zeroed, not renormalised (the original's `Router._compute_router_probabilities`)."""
+    u ~ U[1 - jitter, 1 + jitter] per element (none at jitter 0; `rows`: see jitter_noise); probs = full, or with
+    top_k all but the k largest zeroed, not renormalised (the original's `Router._compute_router_probabilities`)."""
     with _fp32(x.device):
         x = x.float()
         if jitter:
-            x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
+            x = x * jitter_noise(x, jitter, rows)
         logits = x @ kernel.float()
         if bias is not None:
             logits = logits + bias.float()
@@ -131,6 +140,7 @@ class MoLoRALinear(nn.Module):
     Otherwise lora_A [E, d_in, r], lora_B [E, r, d_out], lora_router [d_in, E] (and lora_router_bias [E]).
     """
     adapter_param_names = ("lora_A", "lora_B", "lora_router", "lora_router_bias")
+    rows = (0, 1)  # (rank, world_size) of the router jitter's noise under data parallelism (jitter_noise)
 
     def __init__(self, linear, rank=4, alpha=16, num_experts=None, top_k=None, router_jitter=0.0, router_bias=False):
         super().__init__()
@@ -161,7 +171,7 @@ class MoLoRALinear(nn.Module):
             delta = (x @ self.lora_A.to(x.dtype)) @ self.lora_B.to(x.dtype)  # [b, L, r] -> [b, L, d_out]
         else:
             probs, full = route(x, self.lora_router, self.top_k, self.lora_router_bias,
-                                self.router_jitter if self.training else 0.0)  # [b, L, E] each
+                                self.router_jitter if self.training else 0.0, self.rows)  # [b, L, E] each
             if self.record_routing:
                 self.last_routing = probs.detach()
             if self.aux_loss:

@@ -72,14 +72,23 @@ def _fp32(device):
     return contextlib.nullcontext()  # meta and other devices without autocast
 
 
-def route(x, kernel, top_k=None, renormalize=False, bias=None, jitter=0.0):
+def jitter_noise(x, jitter, rows=(0, 1)):
+    """u ~ U[1 - jitter, 1 + jitter] of x's shape. rows = (rank, world_size) when the batch (x's first dim) is split
+    over data-parallel processes: each draws the whole batch's noise from the RNG stream they share and keeps its
+    rows, so N processes draw what one process with the whole batch draws."""
+    (rank, world), b = rows, x.shape[0]
+    u = x.new_empty((b * world, *x.shape[1:])).uniform_(1.0 - jitter, 1.0 + jitter)
+    return u if world == 1 else u[rank * b:(rank + 1) * b].clone()
+
+
+def route(x, kernel, top_k=None, renormalize=False, bias=None, jitter=0.0, rows=(0, 1)):
     """(probs, full), [..., d] x [d, E] -> [..., E] each: full = softmax((x * u) @ kernel + bias) in float32, with
-    u ~ U[1 - jitter, 1 + jitter] per element (none at jitter 0); probs = full, or with top_k all but the k largest
-    zeroed (and with renormalize rescaled to sum 1)."""
+    u ~ U[1 - jitter, 1 + jitter] per element (none at jitter 0; `rows`: see jitter_noise); probs = full, or with
+    top_k all but the k largest zeroed (and with renormalize rescaled to sum 1)."""
     with _fp32(x.device):
         x = x.float()
         if jitter:
-            x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
+            x = x * jitter_noise(x, jitter, rows)
         logits = x @ kernel.float()
         if bias is not None:
             logits = logits + bias.float()
@@ -157,6 +166,7 @@ class _Rescale(nn.Module):
     """
 
     adapter_param_names = ("mov_router", "mov_router_bias", "mov_experts", "ia3_scale")
+    rows = (0, 1)  # (rank, world_size) of the router jitter's noise under data parallelism (jitter_noise)
 
     def __init__(self, dim, heads, num_experts, top_k, renormalize, router_input, sentence_dim, device,
                  router_jitter=0.0, router_bias=False):
@@ -184,7 +194,8 @@ class _Rescale(nn.Module):
             return h * self.ia3_scale.to(h.dtype)
         jitter = self.router_jitter if self.training else 0.0
         if self.router_input == "token":  # [..., (H,) E] each
-            probs, full = route(h, self.mov_router, self.top_k, self.renormalize, self.mov_router_bias, jitter)
+            probs, full = route(h, self.mov_router, self.top_k, self.renormalize, self.mov_router_bias, jitter,
+                                self.rows)
         else:
             probs, full = self._sentence_probs(h, jitter)  # equal along every axis but the batch
         if self.record_routing:
@@ -216,7 +227,8 @@ class _Rescale(nn.Module):
         if emb.shape[0] != h.shape[0]:
             raise ValueError(f"sentence embeddings have batch {emb.shape[0]} but the activation has batch "
                              f"{h.shape[0]}; pass one embedding per example of this forward")
-        routed = route(emb, self.mov_router, self.top_k, self.renormalize, self.mov_router_bias, jitter)  # [b, E]
+        routed = route(emb, self.mov_router, self.top_k, self.renormalize, self.mov_router_bias, jitter,
+                       self.rows)  # [b, E]
         shape = (emb.shape[0], *([1] * (h.dim() - 2)), self.num_experts)  # [b, 1, .., E]
         return tuple(p.view(shape).expand(*h.shape[:-1], self.num_experts) for p in routed)
 

@@ -143,11 +143,11 @@ def _additive(ok):
 
 
 class Dropout(nn.Dropout):
-    """Dropout scaled by 1/(1-p), identity in eval or at p = 0, elementwise (HF's) or with one mask shared along
-    `broadcast_dim` (size 1 there): flax.linen.Dropout(broadcast_dims=(broadcast_dim,)). Under torchrun
-    distributed.py sets `rows` = (rank, world_size): every process draws the mask of world_size x its rows from the
-    RNG stream they share and keeps rows rank*b:(rank+1)*b, so N processes drop what one process with the whole
-    batch drops (one contiguous draw: neither thread count nor layout changes a mask)."""
+    """Dropout scaled by 1/(1-p), identity in eval or at p = 0, elementwise (HF's masks on the CPU) or with one mask
+    shared along `broadcast_dim`, not the batch's (size 1 there): flax.linen.Dropout(broadcast_dims=(broadcast_dim,)).
+    Under torchrun distributed.py sets `rows` = (rank, world_size): every process draws the mask of world_size x its
+    rows from the RNG stream they share and keeps rows rank*b:(rank+1)*b, so N processes drop what one process with
+    the whole batch drops (one contiguous draw: neither thread count nor layout changes a mask)."""
     rows = (0, 1)
 
     def __init__(self, p, broadcast_dim=None):
@@ -160,7 +160,9 @@ class Dropout(nn.Dropout):
         (rank, world), shape = self.rows, list(x.shape)
         if self.broadcast_dim is not None:
             shape[self.broadcast_dim] = 1
-        keep = x.new_empty([shape[0] * world] + shape[1:]).bernoulli_(1 - self.p)[rank * shape[0]:][:shape[0]]
+        keep = x.new_empty([shape[0] * world] + shape[1:]).bernoulli_(1 - self.p)
+        if world > 1:  # a copy: the backward keeps this process's rows, not the whole batch's mask
+            keep = keep[rank * shape[0]:(rank + 1) * shape[0]].clone()
         return x * keep * (1 / (1 - self.p))
 
     def extra_repr(self):

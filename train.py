@@ -185,9 +185,11 @@ def validate(cfg: Config) -> None:
     if cfg.remat and (cfg.load_balance_weight or cfg.router_input == "sentence"):
         raise ValueError("--remat cannot be combined with --load-balance-weight or --router-input sentence (the "
                          "recomputed blocks lack the forward's graph and embeddings); drop one of them")
-    if cfg.compile and (cfg.remat or build.device_kind(cfg.device) == "xla"):
-        raise ValueError("--compile applies to eager CPU or CUDA steps without --remat (on XLA every step is "
-                         "compiled already); drop --compile or --remat")
+    if cfg.compile and cfg.remat:
+        raise ValueError("--compile applies to steps without --remat; drop --compile or --remat")
+    if cfg.compile and cfg.device != "cuda" and build.device_kind(cfg.device) == "xla":
+        raise ValueError("--compile applies to CPU or CUDA steps (on XLA every step is compiled already); drop "
+                         "--compile")
     if os.path.isdir(cfg.model):  # a model directory's config.json, read before anything is built
         try:
             build.model_config(cfg)
@@ -253,7 +255,7 @@ def main(cfg: Config) -> dict:
         model = sharding.shard_model(model, mesh, cfg.method, device, remat=cfg.remat)
     elif cfg.remat:
         sharding.apply_remat(model, checkpoint=sharding.torch_checkpoint)
-    distributed.share_dropout(model, group)  # torchrun: the single process's dropout masks
+    distributed.share_noise(model, group)  # torchrun: the single process's dropout masks and router jitter
 
     # --- optimizer: Adafactor over the trainable tensors only (the frozen backbone holds no state)
     optimizer = adafactor.Adafactor([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,

@@ -341,3 +341,17 @@ def test_eval_datasets_are_the_papers_columns():
     """EVAL_DATASETS lists Table 1's columns in order (the average over them is evaluate.summarize's)."""
     assert [k for k, _ in data.EVAL_DATASETS] == ["anli_r1", "anli_r2", "anli_r3", "cb", "rte", "wsc", "wic",
                                                   "copa", "winogrande", "hellaswag"]
+
+
+def test_sentence_embedder_leaves_the_training_rng_alone(tmp_path):
+    """An encoder that draws random numbers on a cache miss does not move torch's global RNG: under torchrun a
+    process that misses the shared cache keeps the dropout stream of one that hits it."""
+    import torch
+
+    def noisy(texts):
+        torch.rand(7)  # e.g. a model built (and initialised) on first use
+        return np.ones((len(texts), 3), np.float32)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    data.SentenceEmbedder(noisy, cache_dir=str(tmp_path))(["a miss", "another"])
+    assert torch.equal(torch.get_rng_state(), before)

@@ -102,7 +102,7 @@ def step_gradients(args):
     cfg, _ = train.parse_args(args)
     group, device = distributed.setup("cpu", cfg.batch_size, cfg.grad_accum)
     model = build.build_model(cfg, device)
-    distributed.share_dropout(model, group)  # every process draws the whole batch's masks and keeps its rows
+    distributed.share_noise(model, group)  # every process draws the whole batch's masks and keeps its rows
     torch.manual_seed(1)
     for name, p in model.named_parameters():  # B = 0 at init would leave A and the router without gradient
         if name.endswith("lora_B"):
@@ -132,13 +132,14 @@ CHILD = ("import sys, torch; sys.path[:0] = ['tests', '.']; import test_distribu
          "grads = t.step_gradients(sys.argv[2:]); int(__import__('os').environ['RANK']) or torch.save(grads, sys.argv[1])")
 
 
-@pytest.mark.parametrize("mask", ["broadcast", "elementwise"])
-def test_data_parallel_gradients_equal_one_process(tmp_path, mask):
-    """The adapters' gradients after DDP's all-reduce (2 processes, 2 micro-batches, dropout 0.2 with either mask)
-    equal one process's on the whole batch: the loss of each process is scaled so that DDP's averaging gives the
-    global gradient, and each process drops its rows as the single process does."""
+@pytest.mark.parametrize("extra", [["--dropout-mask", "broadcast"], ["--dropout-mask", "elementwise"],
+                                   ["--router-jitter", "0.5"]], ids=["broadcast", "elementwise", "jitter"])
+def test_data_parallel_gradients_equal_one_process(tmp_path, extra):
+    """The adapters' gradients after DDP's all-reduce (2 processes, 2 micro-batches, dropout 0.2 with either mask,
+    or router jitter) equal one process's on the whole batch: the loss of each process is scaled so that DDP's
+    averaging gives the global gradient, and each process drops (and jitters) its rows as the single process does."""
     args = ["--preset", "demo", "--method", "molora", "--experts", "3", "--batch-size", "4", "--grad-accum", "2",
-            "--dropout", "0.2", "--dropout-mask", mask, "--device", "cpu"]
+            "--dropout", "0.2", *extra, "--device", "cpu"]
     port, procs = str(free_port()), []
     for rank in range(2):
         env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),

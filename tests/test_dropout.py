@@ -64,9 +64,10 @@ def test_hidden_dropouts_share_one_mask_along_the_length():
 
 def test_elementwise_masks_are_independent_per_position():
     """dropout_mask="elementwise" (transformers' masks): the same channel is dropped at some positions of a row and
-    kept at others, and every dropout module is a plain nn.Dropout."""
+    kept at others, and no dropout module broadcasts its mask."""
     model = t5.T5(dataclasses.replace(CFG, dropout_mask="elementwise")).train()
-    assert not any(isinstance(m, t5.BroadcastDropout) for m in model.modules())
+    assert not any(isinstance(m, t5.BroadcastDropout) or getattr(m, "broadcast_dim", None) is not None
+                   for m in model.modules())
     ids, dec, mask, dmask = _batch()
     calls = _hidden_dropout_calls(model, lambda: model(ids, dec, mask, dmask))
     for name, x, y in calls:
@@ -236,7 +237,7 @@ def test_sdpa_under_bf16_autocast_stays_close_to_float32():
                                   lambda: t5.Dropout(P)], ids=["broadcast-length", "broadcast-last", "elementwise"])
 def test_process_rows_of_the_mask_equal_the_single_process_mask(make):
     """With rows = (rank, 3) and the same RNG state, each of 3 processes applied to its third of a batch gives that
-    third of what one process gives on the whole batch (torchrun data parallelism, distributed.share_dropout)."""
+    third of what one process gives on the whole batch (torchrun data parallelism, distributed.share_noise)."""
     x = torch.randn(6, 5, 8)
     torch.manual_seed(7)
     whole = make().train()(x)

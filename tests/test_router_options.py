@@ -405,3 +405,18 @@ def test_item_without_correct_choice_counts_wrong(tmp_path):
     task = results["tasks"]["rte"][config]
     assert task["no_correct"] == 1 and task["accuracy"] == pytest.approx(100.0 * right / 4)
     assert "1 examples have no choice marked is_correct" in (tmp_path / "out" / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("module", [mov, molora])
+def test_jitter_rows_of_three_processes_equal_one_process_noise(module):
+    """jitter_noise with rows = (rank, 3), each from the same RNG state on its third of the batch, gives that third
+    of one process's noise for the whole batch (torchrun data parallelism, distributed.share_noise)."""
+    x = torch.randn(6, 4, 5)
+    torch.manual_seed(11)
+    whole = module.jitter_noise(x, 0.3)
+    parts = []
+    for rank in range(3):
+        torch.manual_seed(11)
+        parts.append(module.jitter_noise(x[2 * rank:2 * rank + 2], 0.3, rows=(rank, 3)))
+    assert whole.min() >= 0.7 and whole.max() <= 1.3 and whole.std() > 0.1
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)

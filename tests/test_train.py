@@ -120,7 +120,8 @@ def test_checkpoint_holds_only_adapter_tensors(tmp_path, method):
     (["--top-k", "5", "--experts", "4"], "--top-k must be between 1 and --experts"),
     (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
     (["--no-such-flag"], "unrecognized arguments"),
-    (["--compile", "--remat"], "--compile applies to eager CPU or CUDA steps without --remat"),
+    (["--compile", "--remat"], "--compile applies to steps without --remat"),
+    (["--compile", "--device", "xla"], "--compile applies to CPU or CUDA steps"),
     (["--eval-max-examples", "5"], "--eval-max-examples applies with --evaluate only"),
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys):
