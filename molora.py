@@ -139,7 +139,7 @@ class MoLoRALinear(nn.Module):
     num_experts=None is plain LoRA with the original's shapes: lora_A [d_in, r], lora_B [r, d_out], no router.
     Otherwise lora_A [E, d_in, r], lora_B [E, r, d_out], lora_router [d_in, E] (and lora_router_bias [E]).
     """
-    adapter_param_names = ("lora_A", "lora_B", "lora_router", "lora_router_bias")
+    adapter_param_names = ADAPTER_PARAM_NAMES
     rows = (0, 1)  # (rank, world_size) of the router jitter's noise under data parallelism (jitter_noise)
 
     def __init__(self, linear, rank=4, alpha=16, num_experts=None, top_k=None, router_jitter=0.0, router_bias=False):
@@ -245,7 +245,4 @@ def _inject(model, targets, rank, alpha, num_experts, freeze, router):
                          "model's Linear names (see model.named_modules())")
     if freeze:
         freeze_base(model)
-    for n, p in model.named_parameters():
-        if is_adapter_param(n):
-            p.requires_grad_(True)
     return model

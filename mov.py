@@ -165,7 +165,7 @@ class _Rescale(nn.Module):
     ([..., (H,) E], detached) for analysis; `aux_loss` / `record_stats`: see `observe`.
     """
 
-    adapter_param_names = ("mov_router", "mov_router_bias", "mov_experts", "ia3_scale")
+    adapter_param_names = ADAPTER_PARAM_NAMES
     rows = (0, 1)  # (rank, world_size) of the router jitter's noise under data parallelism (jitter_noise)
 
     def __init__(self, dim, heads, num_experts, top_k, renormalize, router_input, sentence_dim, device,
@@ -359,9 +359,6 @@ def _inject(model, site, attention_targets, ffn_targets, num_heads, head_dim, ff
                          "ffn_targets= with this model's module names (see model.named_modules())")
     if freeze:
         freeze_base(model)
-    for n, p in model.named_parameters():
-        if is_adapter_param(n):
-            p.requires_grad_(True)
     return model
 
 

@@ -175,7 +175,7 @@ def memory_table(methods=(("mov", 30),), sizes=("small", "base", "large", "xl", 
              "activations | total |", "|---|---|---|---|---|---|---|---|---|---|"]
     for size in sizes:
         for method, experts in methods:
-            label = f"{method}-{experts}" if method in ("mov", "molora") else method
+            label = build.run_name(method, experts)
             rec = recommend(size, method, chips, experts=experts, **kw)
             if rec is None:
                 lines.append(f"| {size} | {label} | | does not fit on {chips} chips | | | | | | |")

@@ -86,7 +86,8 @@ class Config:
     dropout_mask: str = setting("broadcast", "broadcast: T5X's masks shared along the length; elementwise: HF's")
     z_loss: float = setting(1e-4, "coefficient of the output-logit z-loss (t5x/losses.py)")
     # the hardware
-    dtype: str = setting("auto", "activations: auto (bf16 autocast on accelerators, fp32 on CPU), float32 or bfloat16")
+    dtype: str = setting("auto", "activations: auto (bf16 autocast on accelerators and CPUs with native bf16, else "
+                                 "fp32), float32 or bfloat16")
     device: str = setting("auto", "auto (TPU through torch-xla, then CUDA, then CPU), cpu, cuda or xla")
     fsdp: int = setting(1, "XLA SPMD: devices along the axis that shards the frozen weights (the rest is data "
                            "parallel)")
