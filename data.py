@@ -11,9 +11,8 @@ section 3): the original code (for-ai/parameter-efficient-moe) trains T5X on the
 - `load_eval`: the 111 `*_score_eval` configs of the MoV paper grouped by dataset, one item per example.
 - `SentenceEmbedder`: the frozen sentence encoder of the paper's ablation on the router's input (token vs.
   sentence embeddings).
-The pieces live in their own files and are re-exported here: `Tokenizer` (tokenizer.py),
-`pack_examples` and `FIELDS` (packing.py), the P3 source, task stream and tables (p3_source.py), and the offline
-demo, `demo_dir` (demo_data.py).
+The pieces live in sources/: the vocabulary (tokenizer.py), seqio's packing (packing.py), the P3 source, task
+stream and tables (p3.py), and the offline demo (demo.py).
 
 Usage:
     mix = data.Mixture("bigscience/P3", seed=0, batch_size=32)   # or a local P3-layout directory, or "demo"
@@ -21,7 +20,7 @@ Usage:
     sets = data.load_eval("demo")       # {dataset: {config: [{"inputs", "choices", "label", "text"}]}}
 
 Deliberate deviations from the original (each keeps the distribution; none changes what an example contains;
-reading and shuffling are in p3_source.py, segment ids and truncation in packing.py):
+reading and shuffling are in sources/p3.py, segment ids and truncation in sources/packing.py):
 - Task sampling: seqio draws the task of each example with tf.data's `sample_from_datasets`; here numpy PCG64
   draws it (same rates, a different random stream; no option reproduces tf.data's streams).
 - An example whose target holds no token besides EOS/padding is dropped and counted (`stats["dropped_empty_targets"]`);
@@ -36,22 +35,12 @@ from collections import OrderedDict
 
 import numpy as np
 
-from demo_data import cache_root, demo_dir
-from p3_source import EVAL_TABLE, TRAIN_TABLE, Source, TaskStream, unknown_name_error
-from packing import Packer, rows_to_arrays
-from tokenizer import EOS, PAD
+from runner.settings import SENTENCE_DIM
+from sources.demo import cache_root, demo_dir
+from sources.p3 import EVAL_TABLE, TRAIN_TABLE, Source, TaskStream, unknown_name_error
+from sources.packing import Packer, rows_to_arrays
+from sources.tokenizer import EOS, PAD
 
-# Re-exported: other files and the tests use these as data.<name> (demo_dir, TRAIN_TABLE, EVAL_TABLE above too).
-from p3_source import P3_HUB, TABLE_DIR  # noqa: F401
-from packing import FIELDS, pack_examples  # noqa: F401
-from tokenizer import Tokenizer  # noqa: F401
-
-# The paper's columns (Table 1); ANLI's three rounds are averaged into one column before the overall mean.
-EVAL_DATASETS = [("anli_r1", "ANLI R1"), ("anli_r2", "ANLI R2"), ("anli_r3", "ANLI R3"), ("cb", "CB"),
-                 ("rte", "RTE"), ("wsc", "WSC"), ("wic", "WiC"), ("copa", "COPA"), ("winogrande", "WinoGrande"),
-                 ("hellaswag", "HellaSwag")]
-DEMO_EVAL_DATASETS = [("demo_opinion", "Opinion"), ("demo_order", "Order"), ("demo_kind", "Kind")]
-SENTENCE_DIM = 384  # all-MiniLM-L6-v2, the default SentenceEmbedder
 
 
 def _source(source, cache_dir=None):
@@ -61,7 +50,7 @@ def _source(source, cache_dir=None):
 
 def training_tasks(source, cache_dir=None):
     """({config: rate}, [missing configs]): the tasks of the source's training table that the source holds (what a
-    Mixture with tasks=None trains on), and the table's other ones. `source`: a name or a p3_source.Source."""
+    Mixture with tasks=None trains on), and the table's other ones. `source`: a name or a sources.p3.Source."""
     src = source if isinstance(source, Source) else _source(source, cache_dir)
     table = {r["p3_config"]: float(r["mixing_rate"]) for r in src.table(TRAIN_TABLE)}
     have = src.configs()

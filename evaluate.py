@@ -7,7 +7,7 @@ section 3 and Table 1). The original runs `t5x.eval` on seqio's `t0_eval_score_e
 
     score(choice) = sum of log p(target token) over the choice's tokens, EOS included, no length normalisation
     prediction    = argmax over the example's choices, ties to the first choice (np.argmax returns the first max)
-    accuracy per template (P3 `*_score_eval` config); the table is report.py's (median over templates)
+    accuracy per template (P3 `*_score_eval` config); the table is runner/report.py's (median over templates)
 
 Usage:
     python evaluate.py --run runs/mov-30 --compare paper       # a train.py run: newest checkpoint, its data source
@@ -24,24 +24,22 @@ Differences from the original, on purpose:
     choices of an example (the model reads every choice, whatever the label), at encoder sites over input tokens.
 """
 if __name__ == "__main__":  # before the imports below: Ctrl-C while torch loads ends with one line
-    import cli
+    from runner import cli
     cli.catch_early_interrupt()
 
 import argparse
 import contextlib
 import os
 import sys
-import types
 
 import numpy as np
 import torch
 
-import build
 import data
-import report
-import routing as routing_analysis
-import rundir
-from report import format_table, summarize  # noqa: F401  (part of this module's interface)
+import routing
+from runner import build, report, rundir
+from runner.settings import Config, ModelSettings, run_name
+from sources.p3 import P3_HUB
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -93,60 +91,78 @@ def score_and_route(model, inputs, choices, batch_size=16, input_length=None, ta
     device = torch.device(device) if device is not None else next(model.parameters()).device
     xla = device.type == "xla"
     if sentence_embeddings is not None:
-        import mov
         emb = torch.as_tensor(np.asarray(sentence_embeddings), dtype=torch.float32)  # [n, D]
         if emb.shape[0] != n:
             raise ValueError(f"sentence_embeddings has {emb.shape[0]} rows for {n} examples; give one per example")
-    layers = routing_analysis.routed_layers(model, routing_sites)
-    was_training, recording = model.training, {name: m.record_routing for name, m in layers.items()}
+    was_training = model.training
     model.eval()
-    for m in layers.values():
-        m.record_routing = True
     pending = []  # per batch: (scores [B, C], {site: (sums [B, E], counts [B])}) on device (XLA) or host
     try:
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            arrays = _pad_batch(inputs[start:stop], choices[start:stop], batch_size, input_length, target_length,
-                                num_choices)
-            ids, enc_mask, dec_in, targets, tok_mask = (torch.from_numpy(a).to(device) for a in arrays)
-            route_enc = route_dec = contextlib.nullcontext()
-            if sentence_embeddings is not None:
-                emb_b = torch.zeros(batch_size, emb.shape[1])  # [B, D]; dummy rows route on zeros
-                emb_b[:stop - start] = emb[start:stop]
-                emb_b = emb_b.to(device)
-                route_enc = mov.sentence_routing(model, emb_b)
-                route_dec = mov.sentence_routing(model, emb_b.repeat_interleave(num_choices, 0))  # [B*C, D]
-            with torch.no_grad():
-                with route_enc:
-                    enc = model.encode(ids, attention_mask=enc_mask)  # [B, L, D]
-                enc_routing = {k: m.last_routing for k, m in layers.items() if k.startswith("encoder.")}
-                with route_dec:
-                    logits = model.decode(dec_in, enc.repeat_interleave(num_choices, 0),  # [B*C, L, D]
-                                          encoder_attention_mask=enc_mask.repeat_interleave(num_choices, 0))
-                logits = logits.float()  # [B*C, T, V]; log-softmax in fp32 whatever the compute dtype
-                token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [B*C, T]
-                scores = (token_logp * tok_mask).sum(-1).view(batch_size, num_choices)  # [B, C]
-                routed = {name: routing_analysis.token_sums(name, enc_routing.get(name, m.last_routing),
-                                                            enc_mask.float(), tok_mask, batch_size, num_choices)
-                          for name, m in layers.items()}
-            if xla:
-                import torch_xla
-                torch_xla.sync()  # cut the lazy graph per batch; values stay on the device until the end
-                pending.append((stop - start, scores, routed))
-            else:
-                pending.append((stop - start, scores.cpu(), {k: (s.cpu(), c.cpu()) for k, (s, c) in routed.items()}))
-            if progress is not None:
-                progress.update(stop - start)
+        with routing.record(model, routing_sites) as seen:  # {site: the last forward's probabilities}
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                arrays = _pad_batch(inputs[start:stop], choices[start:stop], batch_size, input_length,
+                                    target_length, num_choices)
+                ids, enc_mask, dec_in, targets, tok_mask = (torch.from_numpy(a).to(device) for a in arrays)
+                route_enc = route_dec = contextlib.nullcontext()
+                if sentence_embeddings is not None:
+                    emb_b = torch.zeros(batch_size, emb.shape[1])  # [B, D]; dummy rows route on zeros
+                    emb_b[:stop - start] = emb[start:stop]
+                    emb_b = emb_b.to(device)
+                    route_enc = routing.sentence_routing(model, emb_b)
+                    route_dec = routing.sentence_routing(model, emb_b.repeat_interleave(num_choices, 0))  # [B*C, D]
+                with torch.no_grad():
+                    with route_enc:
+                        enc = model.encode(ids, attention_mask=enc_mask)  # [B, L, D]
+                    enc_routing = {k: v for k, v in seen.items() if k.startswith("encoder.")}
+                    with route_dec:
+                        logits = model.decode(dec_in, enc.repeat_interleave(num_choices, 0),  # [B*C, L, D]
+                                              encoder_attention_mask=enc_mask.repeat_interleave(num_choices, 0))
+                    logits = logits.float()  # [B*C, T, V]; log-softmax in fp32 whatever the compute dtype
+                    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+                    scores = (token_logp * tok_mask).sum(-1).view(batch_size, num_choices)  # [B, C]
+                    routed = {site: token_sums(site, enc_routing.get(site, seen.get(site)), enc_mask.float(),
+                                               tok_mask, batch_size, num_choices) for site in routing_sites}
+                if xla:
+                    import torch_xla
+                    torch_xla.sync()  # cut the lazy graph per batch; values stay on the device until the end
+                    pending.append((stop - start, scores, routed))
+                else:
+                    pending.append((stop - start, scores.cpu(), {k: (s.cpu(), c.cpu()) for k, (s, c) in
+                                                                 routed.items()}))
+                if progress is not None:
+                    progress.update(stop - start)
     finally:
         model.train(was_training)
-        for name, m in layers.items():
-            m.record_routing, m.last_routing = recording[name], None
     scores = np.concatenate([s.cpu().double().numpy()[:k] for k, s, _ in pending])  # [n, C]
     out = [scores[i, :len(chs)] for i, chs in enumerate(choices)]
-    routing = {name: (np.concatenate([r[name][0].cpu().double().numpy()[:k] for k, _, r in pending]),
-                      np.concatenate([r[name][1].cpu().double().numpy()[:k] for k, _, r in pending]))
-               for name in layers}
-    return out, routing
+    routed = {name: (np.concatenate([r[name][0].cpu().double().numpy()[:k] for k, _, r in pending]),
+                     np.concatenate([r[name][1].cpu().double().numpy()[:k] for k, _, r in pending]))
+              for name in routing_sites}
+    return out, routed
+
+
+def token_sums(name, probs, enc_mask, tok_mask, rows, num_choices):
+    """A site's routing probabilities summed over its real tokens per example: (sums [B, E], token counts [B]).
+
+    Encoder sites cover the input tokens; decoder cross-attention K/V (projected from the encoder output) the input
+    tokens once per real choice; other decoder sites the choice tokens. probs: [B or B*C, len, (H,) E].
+    """
+    if probs is None:
+        raise ValueError(f"routing site {name!r} recorded nothing: it has no router ((IA)3 / LoRA)")
+    probs = probs.float()
+    if probs.dim() == 4:  # attention sites route per head: [rows, len, H, E] -> mean over heads
+        probs = probs.mean(2)
+    if name.startswith("encoder."):
+        mask = enc_mask  # [B, L]
+    elif ".EncDecAttention." in name:
+        real_choice = (tok_mask.sum(-1, keepdim=True) > 0).float()  # [B*C, 1]
+        mask = enc_mask.repeat_interleave(num_choices, 0) * real_choice  # [B*C, L]
+    else:
+        mask = tok_mask  # [B*C, T]
+    sums, counts = (probs * mask.unsqueeze(-1)).sum(1), mask.sum(1)  # [rows, E], [rows]
+    # [B*C, ...] -> [B, ...]: all choices of an example together (a no-op for encoder sites)
+    return sums.view(rows, -1, sums.shape[-1]).sum(1), counts.view(rows, -1).sum(1)
 
 
 def score_choices(model, inputs, choices, batch_size=16, input_length=None, target_length=None, device=None,
@@ -189,12 +205,12 @@ def evaluate(model, eval_sets, *, batch_size=16, input_length=1024, target_lengt
     from tqdm import tqdm
     if not eval_sets:
         raise ValueError("eval_sets is empty; pass data.load_eval(source)")
-    sentence_routed = any(getattr(m, "router_input", None) == "sentence" for m in model.modules())
+    sentence_routed = routing.sentence_routed(model)
     if sentence_routed and sentence_embedder is None:
         sentence_embedder = data.SentenceEmbedder()
     total = sum(len(items) for templates in eval_sets.values() for items in templates.values())
     bar = tqdm(total=total, desc="evaluate", unit="ex", dynamic_ncols=True, disable=not progress)
-    tasks, routing = {}, {site: {} for site in routing_sites}
+    tasks, routed_sums = {}, {site: {} for site in routing_sites}
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     try:
         for dataset, templates in eval_sets.items():
@@ -226,22 +242,22 @@ def evaluate(model, eval_sets, *, batch_size=16, input_length=1024, target_lengt
                 tasks[dataset][template] = {"accuracy": 100.0 * float(np.mean(correct)), "examples": len(items),
                                             "no_correct": sum(it["label"] is None for it in items)}
                 for site, (sums, counts) in routed.items():
-                    routing[site].setdefault(dataset, {})[template] = {
+                    routed_sums[site].setdefault(dataset, {})[template] = {
                         "sums": sums.sum(0).tolist(), "tokens": float(counts.sum())}
     finally:
         bar.close()
-    results = summarize({d: {t: r["accuracy"] for t, r in ts.items()} for d, ts in tasks.items()})
+    results = report.summarize({d: {t: r["accuracy"] for t, r in ts.items()} for d, ts in tasks.items()})
     results = {"tasks": tasks, **results, "meta": dict(meta or {})}
     if routing_sites:
         results["routing"] = {site: {d: {t: (np.array(r["sums"]) / max(r["tokens"], 1.0)).tolist()
                                          for t, r in ts.items()} for d, ts in per.items()}
-                              for site, per in routing.items()}
+                              for site, per in routed_sums.items()}
         results["routing_tokens"] = {site: {d: {t: r["tokens"] for t, r in ts.items()} for d, ts in per.items()}
-                                     for site, per in routing.items()}
+                                     for site, per in routed_sums.items()}
     if out_dir is not None:
         report.write_outputs(results, out_dir, compare, name)
         if routing_sites:
-            routing_analysis.write_routing(results, out_dir)
+            report.write_routing(results, out_dir)
     return results
 
 
@@ -253,9 +269,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if "(default" in action.help else super()._get_help_string(action)
 
 
+# the settings that shape a model's adapters: with --adapter they must be those it was trained with
+ADAPTER_FLAGS = ("method", "experts", "rank", "alpha", "top_k", "router_bias", "router_input", "seed")
+
+
 def add_model_flags(p):
     """The flags that pick a model (--run, or --model [--adapter] with its settings) and the device: shared by
-    evaluate.py and generate.py; load_model reads them, check_model_flags checks them."""
+    evaluate.py and generate.py, spelled as train.py's; load_model reads them, check_model_flags checks them."""
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="a train.py run directory: its base model with the adapters of its newest "
                        "checkpoint (or --step) (default: none; give --run or --model)")
@@ -265,40 +285,43 @@ def add_model_flags(p):
     p.add_argument("--adapter", default=None, help="with --model: a safetensors file of adapter tensors (or a "
                    "checkpoint directory holding trainable.safetensors), built with --method/--experts/... "
                    "(default: none, the backbone alone)")
-    p.add_argument("--method", default="mov", choices=("mov", "molora", "ia3", "lora"),
-                   help="with --adapter: the adapter type")
-    p.add_argument("--experts", type=int, default=10, help="with --adapter: experts of mov / molora")
-    p.add_argument("--rank", type=int, default=4, help="with --adapter: LoRA rank of lora / molora")
-    p.add_argument("--alpha", type=float, default=16.0, help="with --adapter: LoRA alpha")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="with --adapter: top-k routing of mov / molora (default: none, soft routing)")
-    p.add_argument("--router-bias", action="store_true", help="with --adapter: its routers have a bias (trained "
-                   "with train.py --router-bias)")
-    p.add_argument("--router-input", default="token", choices=("token", "sentence"),
-                   help="with --adapter: what the mov router reads")
-    p.add_argument("--seed", type=int, default=0, help="seed of --model tiny's random weights")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "xla"),
-                   help="auto: TPU through torch-xla, then CUDA, then CPU")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="activations: auto = bf16 autocast on accelerators and on CPUs with native bf16 matmuls, "
-                   "else fp32 (scores always in fp32)")
+    ModelSettings.add_flags(p.add_argument_group("with --adapter, the adapters' settings (as train.py's)"),
+                            only=ADAPTER_FLAGS)
+    Config.add_flags(p, only=("device", "dtype"))
 
 
-def check_model_flags(p, args):
-    """argparse errors for model flags that do not go together."""
+def check_model_flags(args):
+    """ValueError (one `error:` line) for model flags that do not go together or are out of range."""
     if args.run is None and args.step is not None:
-        p.error("--step needs --run")
+        raise ValueError("--step needs --run")
     if args.model is None and args.adapter is not None:
-        p.error("--adapter needs --model (a run directory already holds its adapters)")
-    for name in ("experts", "rank"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+        raise ValueError("--adapter needs --model (a run directory already holds its adapters)")
+    if args.adapter is not None and args.method == "full":
+        raise ValueError("--adapter with --method full: a full fine-tune has no adapter file; pass --method mov, "
+                         "molora, ia3 or lora")
     if args.run is not None and not os.path.isdir(args.run):
-        p.error(f"--run {args.run}: no such directory; pass the --out of a train.py run")
+        raise ValueError(f"--run {args.run}: no such directory; pass the --out of a train.py run")
+    adapter_settings(args).validate()
+
+
+def adapter_settings(args):
+    """The ModelSettings of --model [--adapter]: the backbone alone is built as "full" (no adapters)."""
+    values = {k: getattr(args, k) for k in ADAPTER_FLAGS}
+    return ModelSettings(**{**values, "method": values["method"] if args.adapter is not None else "full"},
+                         model=args.model or "tiny", dropout=0.0)
+
+
+def positive(args, names):
+    """ValueError naming the first of `names` (flags) whose value is given and not positive."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=HelpFormatter)
     add_model_flags(p)
     p.add_argument("--data", default=None, help="bigscience/P3 (hub), a local P3-layout directory, or demo "
                    "(default: the run's data source with --run, else bigscience/P3)")
@@ -321,28 +344,20 @@ def parse_args(argv=None):
                    "(default: the last decoder block's FFN activation, decoder.block.<last>.layer.2."
                    "DenseReluDense.act)")
     args = p.parse_args(argv)
-    check_model_flags(p, args)
-    for name in ("batch_size", "input_length", "target_length", "max_examples"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    check_model_flags(args)
+    positive(args, ("step", "batch_size", "input_length", "target_length", "max_examples"))
     if args.routing_sites is not None and not args.routing:
-        p.error("--routing-sites needs --routing")
+        raise ValueError("--routing-sites needs --routing")
     return args
 
 
 def load_model(args, device):
     """(model, meta) for --run or --model [--adapter]; meta holds method, experts, rank, model, data, label."""
     if args.run is not None:
-        model, cfg, step = rundir.load_run(args.run, step=args.step, device=device)
+        model, cfg, step = build.load_run(args.run, step=args.step, device=device)
         meta = {k: getattr(cfg, k) for k in ("method", "experts", "rank", "model", "data", "router_input")}
-        return model, {**meta, "step": step, "label": f"{build.run_name(cfg.method, cfg.experts)} step {step}"}
-    # the backbone alone is built as "full" (no adapters) and labelled "none": it has no Table 1 row
-    method = args.method if args.adapter is not None else "none"
-    settings = types.SimpleNamespace(method=args.method if args.adapter is not None else "full",
-                                     experts=args.experts, rank=args.rank, alpha=args.alpha, top_k=args.top_k,
-                                     router_input=args.router_input, router_bias=args.router_bias, model=args.model,
-                                     seed=args.seed, dropout=0.0)
+        return model, {**meta, "step": step, "label": f"{run_name(cfg.method, cfg.experts)} step {step}"}
+    settings = adapter_settings(args)
     model = build.build_model(settings, torch.device("cpu"))
     if args.adapter is not None:
         path = args.adapter
@@ -351,9 +366,11 @@ def load_model(args, device):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--adapter {args.adapter}: no such safetensors file (or checkpoint directory)")
         rundir.load_trainable(model, path)
+    # the backbone alone is labelled method "none": it has no Table 1 row
     label = args.model if args.adapter is None else f"{args.model} + {os.path.basename(args.adapter)}"
-    return model.to(device).eval(), {"method": method, "experts": args.experts, "rank": args.rank,
-                                     "model": args.model, "data": None, "label": label}
+    return model.to(device).eval(), {"method": settings.method if args.adapter is not None else "none",
+                                     "experts": args.experts, "rank": args.rank, "model": args.model, "data": None,
+                                     "label": label}
 
 
 def main(argv=None):
@@ -361,10 +378,10 @@ def main(argv=None):
     args = parse_args(argv)
     device = build.resolve_device(args.device)
     model, meta = load_model(args, device)
-    source = args.data or meta.get("data") or data.P3_HUB
+    source = args.data or meta.get("data") or P3_HUB
     wanted = args.datasets.split(",") if args.datasets else None
     sets = data.load_eval(source, datasets=wanted, max_examples=args.max_examples)
-    expected = wanted or (list(report.P3_EVAL_KEYS) if source == data.P3_HUB else [])
+    expected = wanted or (list(report.HELD_OUT) if source == P3_HUB else [])
     absent = [k for k in expected if not sets.get(k)]
     if absent or not sets:
         raise ValueError(f"--data {source} has no evaluation tasks for {absent or 'any dataset'}; it has "
@@ -372,7 +389,7 @@ def main(argv=None):
                          "holds the held-out *_score_eval configs")
     sites = ()
     if args.routing:
-        sites = tuple(args.routing_sites.split(",")) if args.routing_sites else routing_analysis.default_sites(model)
+        sites = tuple(args.routing_sites.split(",")) if args.routing_sites else routing.default_sites(model)
     autocast = build.autocast_enabled(args.dtype, device)
     out = args.out or args.run or os.path.join("runs", "eval_" + os.path.basename(os.path.normpath(args.model)))
     name = report.output_name(args.max_examples)
@@ -380,7 +397,7 @@ def main(argv=None):
         results = evaluate(model, sets, batch_size=args.batch_size, input_length=args.input_length,
                            target_length=args.target_length, device=device, routing_sites=sites, out_dir=out,
                            meta={**meta, "data": source}, compare=args.compare, name=name)
-    print(format_table(results, args.compare))
+    print(report.format_table(results, args.compare))
     print(f"wrote {os.path.join(out, name)}.json and {name}.md" + (" and routing.csv / routing.png" if sites else ""))
     return results
 

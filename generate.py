@@ -20,7 +20,7 @@ EncoderDecoderModel, `t5x/decoding.py` beam_search), which can differ from greed
 longer answer.
 """
 if __name__ == "__main__":  # before the imports below: Ctrl-C while torch loads ends with one line
-    import cli
+    from runner import cli
     cli.catch_early_interrupt()
 
 import argparse
@@ -33,14 +33,12 @@ import sys
 import numpy as np
 import torch
 
-import build
 import data
-import demo_data
 import evaluate
-import mov
-import routing as routing_analysis
-import rundir
-from tokenizer import EOS, UNK, Tokenizer
+import routing
+from runner import build, rundir
+from sources import demo
+from sources.tokenizer import EOS, UNK, Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------- vocabulary
@@ -59,14 +57,14 @@ def vocab_file(args):
         raise rundir.RunDirError(f"{os.path.join(args.run, 'config.json')} names no model; it was not written by "
                                  "this train.py. Pass --model and --adapter instead of --run")
     if source == "demo":
-        return os.path.join(demo_data.demo_dir(), "spiece.model")
+        return os.path.join(demo.demo_dir(), "spiece.model")
     name = build.hub_name(model)
     looked = [os.path.join(d, "spiece.model") for d in (name, source) if isinstance(d, str) and os.path.isdir(d)]
     for path in looked:
         if os.path.isfile(path):
             return path
     if model == "tiny":  # the random tiny model trained on data without its own vocabulary: the demo's
-        return os.path.join(demo_data.demo_dir(), "spiece.model")
+        return os.path.join(demo.demo_dir(), "spiece.model")
     if not os.path.isdir(name):
         try:
             from huggingface_hub import hf_hub_download
@@ -86,7 +84,7 @@ def text(tok, ids):
 # ----------------------------------------------------------------------------------------------- answers
 def _sentence_embeddings(model, texts):
     """[n, D] embeddings of the prompts for sentence-routed MoV models (data.SentenceEmbedder), else None."""
-    if not any(getattr(m, "router_input", None) == "sentence" for m in model.modules()):
+    if not routing.sentence_routed(model):
         return None
     return np.asarray(data.SentenceEmbedder()(texts), np.float32)
 
@@ -115,7 +113,7 @@ def greedy(model, inputs, max_new_tokens=32, batch_size=16, input_length=1024, d
             if sentence_embeddings is not None:
                 emb = torch.zeros(rows, sentence_embeddings.shape[1])
                 emb[:len(chunk)] = torch.as_tensor(sentence_embeddings[start:start + len(chunk)])
-                route = mov.sentence_routing(model, emb.to(device))
+                route = routing.sentence_routing(model, emb.to(device))
             with route:
                 out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens).cpu()
             for row in out[:len(chunk)].tolist():
@@ -176,7 +174,7 @@ def show_demo_answers(model, cfg, device, count=2):
     held-out datasets), the model's greedy answer and the expected one: what train.py's demo ends with."""
     sets = data.load_eval("demo", max_examples=1)
     items = [next(iter(templates.values()))[0] for templates in list(sets.values())[:count]]
-    tok = Tokenizer(os.path.join(demo_data.demo_dir(), "spiece.model"))
+    tok = Tokenizer(os.path.join(demo.demo_dir(), "spiece.model"))
     autocast = build.autocast_enabled(cfg.dtype, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         answers = greedy(model, [it["inputs"] for it in items], max_new_tokens=8, input_length=cfg.input_length,
@@ -213,12 +211,10 @@ def parse_args(argv=None):
     p.add_argument("--routing-sites", default=None, help="comma-separated module names of routed layers, or all "
                    "(default: the last decoder block's FFN activation, as evaluate.py --routing)")
     args = p.parse_args(argv)
-    evaluate.check_model_flags(p, args)
-    for name in ("max_new_tokens", "batch_size", "input_length"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    evaluate.check_model_flags(args)
+    evaluate.positive(args, ("step", "max_new_tokens", "batch_size", "input_length"))
     if args.routing_sites is not None and not args.routing:
-        p.error("--routing-sites needs --routing")
+        raise ValueError("--routing-sites needs --routing")
     return args
 
 
@@ -262,14 +258,12 @@ def main(argv=None, out=None):
     sites = ()
     if args.routing:
         if args.routing_sites == "all":
-            sites = tuple(n for n, m in model.named_modules()
-                          if getattr(m, "num_experts", None) is not None and hasattr(m, "record_routing"))
+            sites = tuple(routing.routed_layers(model))
         else:
-            sites = tuple(args.routing_sites.split(",")) if args.routing_sites else \
-                routing_analysis.default_sites(model)
+            sites = tuple(args.routing_sites.split(",")) if args.routing_sites else routing.default_sites(model)
         if not sites:
             raise ValueError("--routing-sites all: this model has no routed layers (no MoV / MoLORA experts)")
-        routing_analysis.routed_layers(model, sites)  # a wrong site name fails before any work
+        routing.routed_layers(model, sites)  # a wrong site name fails before any work
     choices = [c.strip() for c in args.choices.split(",")] if args.choices is not None else None
     if choices is not None and (not all(choices) or len(set(choices)) < len(choices)):
         raise ValueError(f"--choices {args.choices!r} has an empty or repeated choice; give distinct "

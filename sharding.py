@@ -1,5 +1,5 @@
 """SPMD sharding for torch-xla: a ('data', 'fsdp') mesh, a table from parameter names to partition specs, the
-batch sharding and block rematerialisation. How much memory a mesh leaves per chip is tpu_memory.py's question.
+batch sharding and block rematerialisation. How much memory a mesh leaves per chip is tools/tpu_memory.py's question.
 
 The original (for-ai/parameter-efficient-moe, `configs/*.gin`: T5X's `PjitPartitioner` with
 `t5x/partitioning.py` `standard_logical_axis_rules` plus `src/partitioning_custom.py`, which replicates the
@@ -26,7 +26,7 @@ Layout (transformers' T5 parameter names, Linear weights [out, in]):
     (MoLORA-15 at xxl is 252M parameters, 3.0 GB replicated with gradient and optimizer state); their routers are
     replicated.
   - `apply_remat(model)` rematerialises each T5 block in the backward (torch-xla's checkpoint), for the sizes whose
-    activations do not fit otherwise (`python tpu_memory.py`: xl on 16 chips, xxl).
+    activations do not fit otherwise (`python -m tools.tpu_memory`: xl on 16 chips, xxl).
 Deviation from the original: T5X's default rules give the `mlp`/`heads` axes to a 'model' (tensor-parallel) axis and
 the batch to 'data'; we use FSDP instead of tensor parallelism (one `--fsdp` flag, no per-layer collectives in the
 model code). `table=` takes any other table, e.g. one that gives d_ff / heads to a tensor-parallel axis.

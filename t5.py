@@ -15,13 +15,13 @@ masks shared along the length (dropout_mask="broadcast": a row of hidden states 
 at every position; attention weights: one mask per batch, head and key), and the logits layer in fp32 under autocast.
 
 Usage:
-    model = T5.from_pretrained("google/t5-xl-lm-adapt", dtype=torch.float32)   # or a local HF-layout directory
+    model = T5(T5Config.preset("xl"))              # random weights; sources/t5_weights.py loads HF checkpoints
     logits = model(input_ids, decoder_input_ids, attention_mask=mask)           # [b, T, vocab] float32
-    ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)     # [b, 32] greedy (t5_generate.py)
+    ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)     # [b, 32] greedy
 
 Deviations from HF: broadcast dropout by default ("elementwise" is HF's); fp32 logits (HF: the compute dtype);
 attention by F.scaled_dot_product_attention (HF's "sdpa"; under bf16 autocast the bias is cast to bf16 and the
-softmax runs in the kernel: within 1% of fp32 attention); from_pretrained(dtype=bf16) casts every tensor, `wo` too
+softmax runs in the kernel: within 1% of fp32 attention); t5_weights.load(dtype=bf16) casts every tensor, `wo` too
 (HF keeps it fp32: use fp32 weights and autocast); no fp16 (the mask value assumes bf16's range); generate() re-runs
 the full decoder each step, no KV cache (same tokens, fixed shapes, O(n^2) work).
 """
@@ -73,12 +73,6 @@ class T5Config:
         if preset not in ("small", "base", "large", "xl", "xxl"):
             raise ValueError(f"no hub checkpoint for preset {preset!r}; choose small, base, large, xl or xxl")
         return f"google/t5-{preset}-lm-adapt"
-
-    @classmethod
-    def from_hf(cls, path_or_dict):
-        """Read a HF config.json (a dict, the file, or its directory): see t5_weights.read_config."""
-        import t5_weights
-        return t5_weights.read_config(cls, path_or_dict)
 
 
 def _lm_adapt(d_model, d_ff, layers, heads):
@@ -145,7 +139,7 @@ def _additive(ok):
 class Dropout(nn.Dropout):
     """Dropout scaled by 1/(1-p), identity in eval or at p = 0, elementwise (HF's masks on the CPU) or with one mask
     shared along `broadcast_dim`, not the batch's (size 1 there): flax.linen.Dropout(broadcast_dims=(broadcast_dim,)).
-    Under torchrun distributed.py sets `rows` = (rank, world_size): every process draws the mask of world_size x its
+    Under torchrun runner/distributed.py sets `rows` = (rank, world_size): every process draws the mask of world_size x its
     rows from the RNG stream they share and keeps rows rank*b:(rank+1)*b, so N processes drop what one process with
     the whole batch drops (one contiguous draw: neither thread count nor layout changes a mask)."""
     rows = (0, 1)
@@ -381,14 +375,21 @@ class T5(nn.Module):
         return self.decode(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask,
                            encoder_segment_ids, decoder_segment_ids)
 
+    @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32):
-        """Greedy decoding, fixed shapes, no host sync: [b, max_new_tokens] ids, pad (0) after each row's EOS."""
-        import t5_generate  # the decoding loop lives apart (see there)
-        return t5_generate.greedy(self, input_ids, attention_mask, max_new_tokens)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu"):
-        """Load a HF-layout checkpoint (a local directory or a hub name): see t5_weights.py. Strict about names and
-        shapes; the model is built on the meta device and each tensor assigned into place (never two copies)."""
-        import t5_weights  # safetensors / huggingface_hub only when loading
-        return t5_weights.load(cls, T5Config, name_or_path, dtype=dtype, device=device)
+        """Greedy decoding: [b, L] ids -> [b, max_new_tokens] ids, pad (0) after each row's EOS. Fixed shapes and no
+        host sync, so it traces on XLA: the full-length decoder re-runs at each step instead of keeping a KV cache
+        (the same tokens as HF's generate(do_sample=False, num_beams=1), O(n^2) work, one compiled graph)."""
+        c, b = self.config, input_ids.shape[0]
+        encoder_hidden = self.encode(input_ids, attention_mask)
+        # column 0 = decoder start; step t writes column t + 1. The causal mask hides the not-yet-written columns,
+        # so the full-length re-run at step t gives the same logits at position t as a growing prefix would.
+        ids = torch.full((b, max_new_tokens + 1), c.pad_token_id, dtype=torch.long, device=input_ids.device)
+        ids[:, 0] = c.decoder_start_token_id
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for t in range(max_new_tokens):
+            next_id = self.decode(ids[:, :-1], encoder_hidden, attention_mask)[:, t].argmax(-1)  # [b]
+            next_id = torch.where(done, c.pad_token_id, next_id)
+            ids[:, t + 1] = next_id
+            done = done | (next_id == c.eos_token_id)
+        return ids[:, 1:]

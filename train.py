@@ -15,10 +15,10 @@ Usage:
     python train.py --method full --print-config      # the settings a run would use, as JSON
 
 Deviations from the original, each with the flag that restores it, are in the README's "Deviations from the
-original". The run directory (`--out`) is described in rundir.py; re-running the same command with the same --out
+original". The run directory (`--out`) is described in runner/rundir.py; re-running the same command with the same --out
 resumes exactly.
 """
-import cli as command_line
+from runner import cli as command_line
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C then ends with one line
     command_line.catch_early_interrupt()
@@ -27,85 +27,25 @@ import argparse  # noqa: E402  (the interrupt handler goes first)
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 import adafactor
-import build
 import data
-import distributed
-import mov
-import routing as routing_health
-import rundir
-from losses import loss_fn, model_inputs  # noqa: F401  (train.loss_fn: part of this module's interface)
+import routing
 import sharding  # imports torch-xla only inside its XLA functions
-import train_log
-
-
-def setting(default, help):
-    """A Config field with its --help text."""
-    return field(default=default, metadata={"help": help})
-
+from runner import build, distributed, rundir, train_log
+from runner.settings import Config, run_name
 
 # ----------------------------------------------------------------------------------------------- settings
-@dataclass
-class Config:
-    # what is trained (configs/mov.gin, molora.gin: 10 experts released; the paper's table also has 30 and 15)
-    method: str = setting("mov", "mov (mixture of (IA)3 vectors), molora (mixture of LoRA), ia3, lora, or full "
-                                 "fine-tuning")
-    experts: int = setting(10, "number of experts for mov / molora")
-    rank: int = setting(4, "LoRA rank for lora / molora (the paper: 4; the released configs/lora.gin: 16)")
-    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank")
-    top_k: Optional[int] = setting(None, "mov / molora: keep the k most probable experts (softmax over all, no "
-                                   "renormalisation, as the original's routing.py)")
-    # router options of the original's src/routing.py, all off in its released configs
-    router_jitter: float = setting(0.0, "training only: the router input times noise U[1-eps, 1+eps] (jitter_noise)")
-    router_bias: bool = setting(False, "a zero-initialised trainable bias on the router logits (use_bias)")
-    load_balance_weight: float = setting(0.0, "add this x Switch Transformer's load-balancing loss (mean over sites)")
-    router_input: str = setting("token", "token: the router reads the activation it rescales; sentence: one embedding "
-                                   "per example (an ablation)")
-    model: str = setting("xl", "tiny (random, offline), small..xxl (google/t5-<size>-lm-adapt), a directory or a "
-                               "hub name")
-    data: str = setting("bigscience/P3", "bigscience/P3 (hub), a local directory in P3's layout, or demo (offline)")
-    # the recipe (configs/*.gin, scripts/*_train.sh; T5X's finetune defaults)
-    steps: int = setting(500_000, "optimizer steps in all (a resumed run continues up to this count)")
-    batch_size: int = setting(32, "packed rows per optimizer step")
-    grad_accum: int = setting(1, "split each batch into this many micro-batches (memory); 1 = the original")
-    input_length: int = setting(1024, "encoder tokens per row (inputs keep their first tokens)")
-    target_length: int = setting(256, "decoder tokens per row")
-    lr: float = setting(3e-4, "constant learning rate (no warm-up, no decay)")
-    adafactor_step_offset: int = setting(1_100_000, "Adafactor's decay counter starts here (T5X continues from the "
-                                              "checkpoint's step 1.1M)")
-    dropout: float = setting(0.1, "dropout rate of the backbone in training")
-    dropout_mask: str = setting("broadcast", "broadcast: T5X's masks shared along the length; elementwise: HF's")
-    z_loss: float = setting(1e-4, "coefficient of the output-logit z-loss (t5x/losses.py)")
-    # the hardware
-    dtype: str = setting("auto", "activations: auto (bf16 autocast on accelerators and CPUs with native bf16, else "
-                                 "fp32), float32 or bfloat16")
-    device: str = setting("auto", "auto (TPU through torch-xla, then CUDA, then CPU), cpu, cuda or xla")
-    fsdp: int = setting(1, "XLA SPMD: devices along the axis that shards the frozen weights (the rest is data "
-                           "parallel)")
-    remat: bool = setting(False, "recompute each T5 block in the backward instead of keeping its activations")
-    compile: bool = setting(False, "torch.compile the training forward and backward (CPU or CUDA, one process): the "
-                                   "first step compiles for minutes, later steps run faster; same losses as eager")
-    # the run
-    out: str = setting("", "run directory; re-running with it resumes (default runs/[<preset>-]<method>[-<experts>])")
-    seed: int = setting(0, "seed of the data mixture, the adapter init and dropout")
-    save_every: int = setting(10_000, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
-    keep: int = setting(3, "keep the newest N checkpoints")
-    log_every: int = setting(100, "write a log line and refresh the progress bar every N steps")
-    evaluate: bool = setting(False, "after training, run the held-out rank-classification evaluation (evaluate.py)")
-    eval_max_examples: Optional[int] = setting(None, "with --evaluate: at most this many examples per template")
-
-
-# The paper's recipe per method, over the dataclass defaults (the adapters' recipe): the T0 baseline is a full
-# fine-tune at batch 256 and lr 1e-3 for 10k steps (configs/t0.gin, scripts/t0_train.sh).
+# Config (runner/settings.py) holds every setting with its --help and the adapters' recipe as defaults: MoV on
+# google/t5-xl-lm-adapt, P3's t0_train packed 1024 / 256, batch 32, Adafactor at a constant 3e-4, dropout 0.1,
+# z-loss 1e-4, 500k steps. Over it, per method, the paper's recipe: the T0 baseline is a full fine-tune at batch 256
+# and lr 1e-3 for 10k steps (configs/t0.gin, scripts/t0_train.sh).
 RECIPES = {"mov": {}, "molora": {}, "ia3": {}, "lora": {},
            "full": dict(batch_size=256, lr=1e-3, steps=10_000)}
 PRESETS = {
@@ -115,37 +55,29 @@ PRESETS = {
                  lr=1e-2, adafactor_step_offset=0, save_every=500, log_every=50, evaluate=True,
                  eval_max_examples=40),
 }
-CHOICES = {"method": build.METHODS, "router_input": ("token", "sentence"), "dtype": ("auto", "float32", "bfloat16"),
-           "device": ("auto", "cpu", "cuda", "xla"), "dropout_mask": ("broadcast", "elementwise")}
 
 
 def parse_args(argv=None) -> tuple[Config, str]:
     """(settings, action): action is "train", "count" (--count-params) or "print" (--print-config)."""
-    presets = "\n".join(f"  {name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the method recipe'}"
-                        for name, values in PRESETS.items())
-    recipes = "\n".join(f"  {m}: {', '.join(f'{k}={v}' for k, v in r.items())}" for m, r in RECIPES.items() if r)
+    defaults = "\n".join(f"  {f.name.replace('_', '-')}: {f.default}" for f in dataclasses.fields(Config))
+    layers = "\n".join([f"  --method {m}: {', '.join(f'{k}={v}' for k, v in r.items())}" for m, r in RECIPES.items()
+                        if r] + [f"  --preset {n}: {', '.join(f'{k}={v}' for k, v in v.items()) or 'the recipe'}"
+                                 for n, v in PRESETS.items()])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"method recipes (over the defaults below):\n{recipes}\n"
-                                       f"presets (over the recipe; explicit flags override both):\n{presets}")
+                                epilog=f"defaults (the paper's recipe for the adapters):\n{defaults}\n"
+                                       f"laid over them, in this order (flags given override both):\n{layers}")
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="base settings: paper or demo")
     p.add_argument("--count-params", action="store_true", help="print the parameter counts (no weights) and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
-    for f in dataclasses.fields(Config):
-        flag, default, help = "--" + f.name.replace("_", "-"), f.default, f.metadata["help"]
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
-            continue
-        kind = int if f.type in (int, Optional[int]) else float if f.type is float else str
-        p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), default=None,
-                       help=f"{help} (default: {default}, or the recipe's or preset's)")
+    Config.add_flags(p, defaults=False)  # None: not given, so the recipe and preset apply
     args = p.parse_args(argv)
     method = args.method or Config.method
     values = {**dataclasses.asdict(Config()), **RECIPES[method], **PRESETS[args.preset]}
     values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
     if not values["out"]:
         prefix = "" if args.preset == "paper" else f"{args.preset}-"
-        values["out"] = os.path.join("runs", prefix + build.run_name(values["method"], values["experts"]))
+        values["out"] = os.path.join("runs", prefix + run_name(values["method"], values["experts"]))
     cfg = Config(**values)
     validate(cfg)
     if args.eval_max_examples is not None and not cfg.evaluate:
@@ -154,40 +86,9 @@ def parse_args(argv=None) -> tuple[Config, str]:
 
 
 def validate(cfg: Config) -> None:
-    """Every setting checked before anything is built; ValueError names the flag and the fix."""
-    positive = ("experts", "rank", "steps", "batch_size", "grad_accum", "input_length", "target_length", "fsdp",
-                "save_every", "keep", "log_every", "eval_max_examples")
-    for name in positive:
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("lr", "alpha"):
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
-            raise ValueError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
-    for name in ("z_loss", "load_balance_weight"):
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(cfg, name)}")
-    for name in ("dropout", "router_jitter"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.adafactor_step_offset < 0:
-        raise ValueError(f"--adafactor-step-offset must be >= 0, got {cfg.adafactor_step_offset}")
-    if cfg.top_k is not None and not 1 <= cfg.top_k <= cfg.experts:
-        raise ValueError(f"--top-k must be between 1 and --experts ({cfg.experts}), got {cfg.top_k}")
-    routed = [f"--{n.replace('_', '-')}" for n in ("top_k", "router_jitter", "router_bias", "load_balance_weight")
-              if getattr(cfg, n) not in (None, 0.0, False)]
-    if routed and cfg.method not in ("mov", "molora"):
-        raise ValueError(f"{', '.join(routed)} applies to --method mov or molora only, got --method {cfg.method}")
-    if cfg.router_input == "sentence" and cfg.method != "mov":
-        raise ValueError(f"--router-input sentence applies to --method mov only, got {cfg.method}")
-    if cfg.batch_size % cfg.grad_accum:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
-    # a re-entrant checkpoint re-runs each block in the backward, without the forward's graph and contexts
-    if cfg.remat and (cfg.load_balance_weight or cfg.router_input == "sentence"):
-        raise ValueError("--remat cannot be combined with --load-balance-weight or --router-input sentence (the "
-                         "recomputed blocks lack the forward's graph and embeddings); drop one of them")
-    if cfg.compile and cfg.remat:
-        raise ValueError("--compile applies to steps without --remat; drop --compile or --remat")
+    """Every setting checked before anything is built (Config.validate, and what needs the machine or the model
+    directory); ValueError names the flag and the fix."""
+    cfg.validate()
     if cfg.compile and cfg.device != "cuda" and build.device_kind(cfg.device) == "xla":
         raise ValueError("--compile applies to CPU or CUDA steps (on XLA every step is compiled already); drop "
                          "--compile")
@@ -199,22 +100,55 @@ def validate(cfg: Config) -> None:
                              f"{e}); download the model's config.json again") from e
 
 
+# ----------------------------------------------------------------------------------------------- loss
+# T5X's loss for the original's runs (`scripts/*_train.sh`: LOSS_NORMALIZING_FACTOR = AVERAGE_PER_SEQUENCE;
+# `configs/t5/models/t5_1_1_*.gin`: Z_LOSS = 1e-4): t5x/losses.py `compute_weighted_cross_entropy` and
+# `get_loss_normalizing_factor_and_weights`, on packed rows.
+def loss_fn(logits: torch.Tensor, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """T5X's weighted cross-entropy with LOSS_NORMALIZING_FACTOR = AVERAGE_PER_SEQUENCE, plus z-loss.
+
+    Each example (a segment of a packed row) gets its token losses averaged over its own target tokens; the batch
+    loss is the mean over examples. z-loss = z * logsumexp(logits)^2 per token, weighted the same way (t5x/losses.py).
+    Returns (loss, cross-entropy part, z-loss part). Static shapes throughout (scatter/gather, no masking by index).
+    """
+    logits = logits.float()                                                   # [B, T, V]
+    targets = batch["decoder_target_tokens"].long()                          # [B, T]
+    segments = batch["decoder_segment_ids"].long()                           # [B, T], 0 = padding
+    weights = batch["decoder_loss_weights"].float()                          # [B, T]
+    log_z = torch.logsumexp(logits, dim=-1)                                  # [B, T]
+    ce = log_z - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)        # [B, T]
+    zl = z_loss * log_z.square()                                             # [B, T]
+    # Sum of weights of each token's segment: scatter per (row, segment), gather back to the tokens.
+    per_segment = torch.zeros(segments.shape[0], segments.shape[1] + 1, device=weights.device)
+    per_segment = per_segment.scatter_add(1, segments, weights)              # [B, T+1]
+    norm = per_segment.gather(1, segments)                                   # [B, T]
+    w = torch.where(norm > 0, weights / norm.clamp_min(1e-9), torch.zeros_like(weights))
+    examples = w.sum().clamp_min(1.0)                                        # = number of examples with targets
+    ce_part, z_part = (ce * w).sum() / examples, (zl * w).sum() / examples
+    return ce_part + z_part, ce_part, z_part
+
+
+def model_inputs(batch: dict) -> dict:
+    return dict(input_ids=batch["encoder_input_tokens"], decoder_input_ids=batch["decoder_input_tokens"],
+                encoder_segment_ids=batch["encoder_segment_ids"], decoder_segment_ids=batch["decoder_segment_ids"])
+
+
 def train_step(model, optimizer, batch: dict, cfg: Config, autocast: bool, group=distributed.Group(),
                shares=None, monitor=None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Forward and backward per micro-batch, then one optimizer update; returns (loss, z-loss part, routing health:
     routing.Monitor.reduce's values or None), detached. The load-balancing loss (monitor's) is added to the optimised
-    loss times --load-balance-weight, not to the returned loss. Data parallel (distributed.py): `batch` holds this
+    loss times --load-balance-weight, not to the returned loss. Data parallel (runner/distributed.py): `batch` holds this
     process's rows and `shares[i]` its fraction of micro-batch i's examples, so that the losses of all processes
     sum to the global one (the routing health is this process's)."""
     device, micro = batch["encoder_input_tokens"].device, batch["encoder_input_tokens"].shape[0] // cfg.grad_accum
     total, total_z = torch.zeros((), device=device), torch.zeros((), device=device)
-    monitor, collected = monitor if monitor is not None else routing_health.Monitor(None), []
+    monitor, collected = monitor if monitor is not None else routing.Monitor(None), []
     for i in range(cfg.grad_accum):
         part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
-        routing = (mov.sentence_routing(model, part["sentence_embeddings"]) if "sentence_embeddings" in part
-                   else contextlib.nullcontext())
+        route = (routing.sentence_routing(model, part["sentence_embeddings"]) if "sentence_embeddings" in part
+                 else contextlib.nullcontext())
         with distributed.no_sync(model, group, last=i == cfg.grad_accum - 1):  # DDP: one all-reduce, at the end
-            with routing, monitor.masks(part), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with route, monitor.masks(part), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(**model_inputs(part))
             loss, _, z = loss_fn(logits, part, cfg.z_loss)
             if shares is not None:  # sum over this process's examples / the global micro-batch's count
@@ -246,7 +180,10 @@ def main(cfg: Config) -> dict:
     autocast, activations = build.activations(cfg.dtype, device)
     settings = {**dataclasses.asdict(cfg), "activations": "bfloat16" if autocast else "float32",
                 "world_size": group.world_size}  # resolved, recorded; neither is part of the run's identity
-    rundir.check_same_run(settings, cfg.out, log=say)
+    saved = rundir.check_same_run(settings, cfg.out)  # another method, model, experts, ...: refused
+    trained = rundir.trained_tasks(cfg.out)
+    if trained is not None:  # another mixture is refused; the same tasks from elsewhere resume with a note
+        data.check_same_mixture(trained, (saved or {}).get("data"), cfg.data, cfg.out, say)
     say(activations + distributed.describe(group))
 
     # --- model: backbone, adapters (base weights frozen), sharded over the mesh on XLA
@@ -288,7 +225,7 @@ def main(cfg: Config) -> dict:
     trained = distributed.wrap(model, group, device)  # DDP all-reduces the trainable parameters' gradients
     if cfg.compile:
         trained = build.compiled(trained)  # the first step compiles; `model` stays eager
-    monitor = routing_health.Monitor(model, aux_loss=cfg.load_balance_weight > 0)  # mov / molora: routing health
+    monitor = routing.Monitor(model, aux_loss=cfg.load_balance_weight > 0)  # mov / molora: routing health
     step_fn = lambda batch, shares: train_step(trained, optimizer, batch, cfg, autocast, group, shares,  # noqa: E731
                                                monitor)
     if xla:
@@ -335,17 +272,17 @@ def main(cfg: Config) -> dict:
     monitor.close()
     if cfg.evaluate and group.main:
         import evaluate
-        import report
+        from runner import report
         model.eval()
         sets = data.load_eval(cfg.data, max_examples=cfg.eval_max_examples, notice_dir=cfg.out)
         meta = dict(method=cfg.method, experts=cfg.experts, rank=cfg.rank, model=cfg.model, data=cfg.data,
                     router_input=cfg.router_input, step=step,
-                    label=f"{build.run_name(cfg.method, cfg.experts)} step {step}")
+                    label=f"{run_name(cfg.method, cfg.experts)} step {step}")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             result["eval"] = evaluate.evaluate(model, sets, input_length=cfg.input_length,
                                                target_length=cfg.target_length, device=device, out_dir=cfg.out,
                                                meta=meta, name=report.output_name(cfg.eval_max_examples))
-        print(evaluate.format_table(result["eval"]))
+        print(report.format_table(result["eval"]))
         if cfg.data == "demo":
             import generate  # the demo ends by asking its model two held-out prompts (generate.py)
             generate.show_demo_answers(model, cfg, device)

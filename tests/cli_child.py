@@ -23,9 +23,9 @@ import safetensors.torch
 import torch._dynamo  # noqa: F401  (torch.optim's first optimizer)
 import tqdm  # noqa: F401
 
-import build
+from runner import build
 import evaluate  # noqa: F401
-import rundir
+from runner import rundir
 import train  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,6 +10,8 @@ import torch._dynamo
 
 import train
 
+pytestmark = pytest.mark.slow  # torch.compile of a training step
+
 ARGS = ["--preset", "demo", "--batch-size", "4", "--input-length", "32", "--target-length", "8", "--steps", "4",
         "--log-every", "1", "--no-evaluate", "--device", "cpu", "--dtype", "float32"]
 

@@ -1,4 +1,4 @@
-"""Tests of data.py and the pieces it re-exports (tokenizer.py, packing.py, p3_source.py, demo_data.py): seqio
+"""Tests of data.py and the sources it reads through (sources/tokenizer.py, packing.py, p3.py, demo.py): seqio
 packing, the T0 mixing rates, resumable streaming, P3 layout (hub and local), the demo."""
 import csv
 import glob
@@ -16,6 +16,8 @@ import pytest
 import sentencepiece as spm
 
 import data
+from runner import report
+from sources import p3, packing, tokenizer
 
 IDS = pa.list_(pa.int32())
 
@@ -46,7 +48,7 @@ def p3_row(rng, n_in=None, n_out=None):
 def test_pack_matches_seqio_docstring():
     """pack_examples reproduces the packed example of seqio's EncDecFeatureConverter docstring exactly."""
     ds = [{"inputs": [7, 8, 5, 1], "targets": [3, 9, 1]}, {"inputs": [8, 4, 9, 3, 1], "targets": [4, 1]}]
-    out = data.pack_examples(ds, input_length=10, target_length=7)
+    out = packing.pack_examples(ds, input_length=10, target_length=7)
     expected = {"encoder_input_tokens": [7, 8, 5, 1, 8, 4, 9, 3, 1, 0],
                 "encoder_segment_ids": [1, 1, 1, 1, 2, 2, 2, 2, 2, 0],
                 "encoder_positions": [0, 1, 2, 3, 0, 1, 2, 3, 4, 0],
@@ -93,10 +95,10 @@ def test_pack_matches_seqio_transcription_with_overflow_truncation_and_chunks():
     rng = random.Random(0)
     examples = [p3_row(rng, rng.randrange(1, 14), rng.randrange(1, 7)) for _ in range(40)]
     examples += [p3_row(rng, rng.randrange(1, 3), 1) for _ in range(25)]  # 3 per row: chunk ends cut rows
-    out = data.pack_examples(examples, input_length=10, target_length=6)
+    out = packing.pack_examples(examples, input_length=10, target_length=6)
     ref = seqio_reference(examples, {"inputs": 10, "targets": 6})
     assert ref["encoder_input_tokens"].shape[0] > 10  # several rows, several chunks of 10 examples
-    for k in data.FIELDS:
+    for k in packing.FIELDS:
         np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
     starts = out["decoder_positions"] == 0
     assert (out["decoder_input_tokens"][starts] == 0).all()  # every segment's decoder input starts at 0
@@ -104,7 +106,7 @@ def test_pack_matches_seqio_transcription_with_overflow_truncation_and_chunks():
 
 def test_pack_false_pads_one_example_per_row():
     """pack=False gives one trimmed example per row with segment id 1 on its tokens and 0 on padding."""
-    out = data.pack_examples([{"inputs": [5, 6, 7], "targets": [8, 9, 10, 1]}, {"inputs": [4], "targets": [3, 1]}],
+    out = packing.pack_examples([{"inputs": [5, 6, 7], "targets": [8, 9, 10, 1]}, {"inputs": [4], "targets": [3, 1]}],
                              input_length=4, target_length=3, pack=False)
     assert out["encoder_input_tokens"].tolist() == [[5, 6, 7, 0], [4, 0, 0, 0]]
     assert out["encoder_segment_ids"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
@@ -116,7 +118,7 @@ def test_pack_false_pads_one_example_per_row():
 # ----------------------------------------------------------------------------------------------- mixing rates
 @pytest.fixture(scope="module")
 def p3_table():
-    with open(os.path.join(data.TABLE_DIR, data.TRAIN_TABLE), newline="") as f:
+    with open(os.path.join(p3.TABLE_DIR, data.TRAIN_TABLE), newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
@@ -171,7 +173,7 @@ def test_resume_gives_identical_batches(demo, tasks, max_open):
     resumed = data.Mixture(demo, **kwargs)
     resumed.load_state_dict(state)
     for a, b in zip(after, [resumed.next_batch() for _ in range(4)]):
-        for k in data.FIELDS:
+        for k in packing.FIELDS:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert resumed.stats == run.stats
     if tasks:
@@ -254,7 +256,7 @@ def test_demo_is_deterministic_and_tokenizer_round_trips(tmp_path, demo):
         return {os.path.relpath(p, root): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
     again = data.demo_dir(str(tmp_path))
     assert digest(again) == digest(demo) and len(digest(demo)) == 21
-    tok = data.Tokenizer(os.path.join(demo, "spiece.model"))
+    tok = tokenizer.Tokenizer(os.path.join(demo, "spiece.model"))
     assert tok.vocab_size <= 512
     for path in glob.glob(os.path.join(demo, "*", "*.parquet")):
         table = pq.read_table(path)
@@ -266,7 +268,7 @@ def test_demo_is_deterministic_and_tokenizer_round_trips(tmp_path, demo):
 def test_tokenizer_numbers_extra_ids_as_t5(demo):
     """<extra_id_i> = sp_size + 99 - i (T5: 32000 pieces, <extra_id_0> = 32099); decode stops at EOS."""
     sp = spm.SentencePieceProcessor(model_file=os.path.join(demo, "spiece.model"))
-    tok = data.Tokenizer.from_pretrained(demo)
+    tok = tokenizer.Tokenizer.from_pretrained(demo)
     n = sp.get_piece_size()
     assert tok.encode("<extra_id_0><extra_id_99>") == [n + 99, n]
     assert tok.encode("dog <extra_id_3> cat") == sp.encode("dog ") + [n + 96] + sp.encode(" cat")
@@ -310,7 +312,7 @@ def test_sentence_embeddings_follow_rows(demo):
     """With an embedder (pack=False) each row carries the embedding of its own input text."""
     def fake(texts):
         return np.array([[len(t), sum(map(ord, t)) % 97, t.count(" ")] for t in texts], np.float32)
-    tok = data.Tokenizer(os.path.join(demo, "spiece.model"))
+    tok = tokenizer.Tokenizer(os.path.join(demo, "spiece.model"))
     mix = data.Mixture(demo, batch_size=6, input_length=48, target_length=8, pack=False, sentence_embedder=fake)
     batch = mix.next_batch()
     texts = [tok.decode(r[r > 0]) for r in batch["encoder_input_tokens"]]
@@ -339,7 +341,7 @@ def test_sentence_embedder_caches_on_disk(tmp_path, monkeypatch):
 
 def test_eval_datasets_are_the_papers_columns():
     """EVAL_DATASETS lists Table 1's columns in order (the average over them is evaluate.summarize's)."""
-    assert [k for k, _ in data.EVAL_DATASETS] == ["anli_r1", "anli_r2", "anli_r3", "cb", "rte", "wsc", "wic",
+    assert [k for k, _ in list(report.HELD_OUT.items())] == ["anli_r1", "anli_r2", "anli_r3", "cb", "rte", "wsc", "wic",
                                                   "copa", "winogrande", "hellaswag"]
 
 

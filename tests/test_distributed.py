@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (distributed.py): two CPU processes (gloo) train exactly as one process with
+"""Data-parallel training under torchrun (runner/distributed.py): two CPU processes (gloo) train exactly as one process with
 the same global batch, dropout masks included, and their checkpoint resumes on one process or two. Tiny model, demo
 data with its dropout (0.1, T5X's broadcast masks)."""
 import json
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import distributed
+from runner import distributed
 import train
+
+pytestmark = pytest.mark.slow  # torchrun: process groups of two CPU processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -98,7 +100,7 @@ def test_process_shares_sum_to_the_global_loss():
 def step_gradients(args):
     """The trainable gradients of one train.train_step (optimizer.step replaced by a recorder) on a fixed packed
     batch of 4 rows, in this process; under torchrun's variables, its share of a data-parallel step."""
-    import build
+    from runner import build
     cfg, _ = train.parse_args(args)
     group, device = distributed.setup("cpu", cfg.batch_size, cfg.grad_accum)
     model = build.build_model(cfg, device)

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -12,17 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-import build
+from runner import build
+import data
 import evaluate
-import report
+from runner import report
 import mov
+import routing
 import t5
+from conftest import tiny_t5
+from test_data import write_config
 
 TINY = t5.T5Config.preset("tiny")
 
 
-def tiny_model():
-    return t5.T5(TINY).eval()
+tiny_model = tiny_t5
 
 
 def hf_twin(model):
@@ -72,7 +76,7 @@ def test_score_choices_equals_transformers_loss():
 
 def test_score_choices_sentence_routing_matches_per_example_loop():
     """With sentence routing, each example (and each of its choices) routes by its own embedding."""
-    model = mov.add_mov(tiny_model(), 3, router_input="sentence", sentence_dim=5).eval()
+    model = mov.add_mov(tiny_model(), 3, router=routing.Router(mov.Router(), sentence_dim=5)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -83,7 +87,7 @@ def test_score_choices_sentence_routing_matches_per_example_loop():
     with torch.no_grad():
         for i, (inp, chs) in enumerate(zip(inputs, choices)):
             for j, c in enumerate(chs):
-                with mov.sentence_routing(model, emb[i:i + 1]):
+                with routing.sentence_routing(model, emb[i:i + 1]):
                     logits = model(torch.tensor([inp]), torch.tensor([[0] + c[:-1]]))[0]
                 want = logits.log_softmax(-1)[torch.arange(len(c)), torch.tensor(c)].sum().item()
                 assert got[i][j] == pytest.approx(want, rel=1e-5, abs=1e-3)
@@ -111,7 +115,7 @@ def test_summarize_median_anli_and_average():
 
 def test_format_table_has_papers_columns_and_row():
     """The table lists Table 1's columns in order and, with compare='paper', the same method's paper average."""
-    acc = {k: {"t": 50.0} for k in report.P3_EVAL_KEYS}
+    acc = {k: {"t": 50.0} for k in report.HELD_OUT}
     results = {**report.summarize(acc), "meta": {"method": "mov", "experts": 10, "label": "mov-10"}}
     text = report.format_table(results, compare="paper")
     header = text.splitlines()[0]
@@ -125,16 +129,13 @@ def test_format_table_has_papers_columns_and_row():
 
 def brute_force_routing(model, site, inputs, choices):
     """Token-weighted mean routing at a decoder site over every choice token, one unpadded forward per choice."""
-    layer = model.get_submodule(site)
-    layer.record_routing = True
     total, tokens = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), routing.record(model, [site]) as seen:
         for inp, chs in zip(inputs, choices):
             for c in chs:
                 model(torch.tensor([inp]), torch.tensor([[0] + c[:-1]]))
-                total = total + layer.last_routing[0].double().sum(0).numpy()
+                total = total + seen[site][0].double().sum(0).numpy()
                 tokens += len(c)
-    layer.record_routing = False
     return total / tokens
 
 
@@ -149,7 +150,7 @@ def test_routing_statistics_equal_per_choice_loop():
     assert counts.tolist() == [sum(len(c) for c in chs) for chs in choices]
     np.testing.assert_allclose(sums.sum(0) / counts.sum(), brute_force_routing(model, site, inputs, choices),
                                rtol=1e-5)
-    assert not model.get_submodule(site).record_routing  # restored
+    assert not model.get_submodule(site).router._forward_hooks  # the recording hook is removed
     with pytest.raises(ValueError, match="not a routed"):
         evaluate.score_and_route(model, inputs, choices, routing_sites=("decoder.block.1.layer.2",))
 
@@ -240,9 +241,8 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", "tiny", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="no such directory"):
         evaluate.main(["--run", str(tmp_path / "nowhere")])
-    assert "no such directory" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps(train.Config(model="tiny", data="demo").__dict__))
     with pytest.raises(ValueError, match="has no checkpoint"):
         evaluate.main(["--run", str(tmp_path), "--device", "cpu"])
@@ -290,7 +290,7 @@ def test_cli_run_uses_newest_checkpoint_and_run_data(tmp_path, capsys):
 def test_evaluate_sentence_routed_model_embeds_item_texts():
     """A sentence-routed model gets sentence_embedder(texts) of each template's items, in order, and scores them."""
     sets = demo_items(2)
-    model = mov.add_mov(tiny_model(), 2, router_input="sentence", sentence_dim=3).eval()
+    model = mov.add_mov(tiny_model(), 2, router=routing.Router(mov.Router(), sentence_dim=3)).eval()
     seen = []
 
     def embedder(texts):
@@ -350,3 +350,32 @@ def test_score_choices_on_xla_compiles_once_without_host_reads():
     assert result["compiles"][0] >= 1 and result["compiles"][1] == result["compiles"][0], result
     assert result["fallbacks"] == [] and result["scalar_reads"] == [], result
     assert result["max_diff"] < 1e-3 and result["routing_diff"] < 1e-5, result
+
+
+# ----------------------------------------------------------------------------------------------- no correct choice
+def test_item_without_correct_choice_counts_wrong(tmp_path):
+    """An eval example with no choice marked is_correct loads with label None (no error), counts as wrong in the
+    accuracy (a brute-force count over the scores), and the results / eval.md report how many there were."""
+    rng = random.Random(0)
+    rows = []
+    for example in range(4):
+        inputs = [rng.randrange(3, 100) for _ in range(5)]
+        for choice in range(2):
+            correct = example != 1 and choice == example % 2  # example 1: no correct choice
+            rows.append({"idx": [example, choice], "inputs": inputs, "targets": [10 + choice, 1],
+                         "is_correct": correct, "weight": 1.0})
+    config = "super_glue_rte_does_this_imply_score_eval"
+    write_config(str(tmp_path / "p3"), config, "validation", rows)
+    with pytest.warns(UserWarning, match="left out"):
+        sets = data.load_eval(str(tmp_path / "p3"), datasets=["rte"])
+    items = sets["rte"][config]
+    assert [it["label"] for it in items] == [0, None, 0, 1]
+    model = tiny_model()
+    results = evaluate.evaluate(model, sets, input_length=16, target_length=8, device=torch.device("cpu"),
+                                out_dir=str(tmp_path / "out"), progress=False)
+    scores = evaluate.score_choices(model, [it["inputs"] for it in items], [it["choices"] for it in items],
+                                    input_length=8, target_length=8)
+    right = sum(it["label"] is not None and int(np.argmax(s)) == it["label"] for s, it in zip(scores, items))
+    task = results["tasks"]["rte"][config]
+    assert task["no_correct"] == 1 and task["accuracy"] == pytest.approx(100.0 * right / 4)
+    assert "1 examples have no choice marked is_correct" in (tmp_path / "out" / "eval.md").read_text()

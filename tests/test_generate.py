@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-import build
-import demo_data
+from runner import build
+from runner.settings import ModelSettings
+from sources import demo as demo_data
 import evaluate
 import generate
 import mov
+import routing
 import t5
-from tokenizer import Tokenizer
+from sources import t5_weights
+from sources.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = t5.T5Config.preset("tiny")
@@ -107,7 +110,7 @@ def test_cli_choices_scores_equal_transformers_loss_and_score_choices(hf_dir, ca
     got = list(results[0]["scores"].values())
     assert list(results[0]["scores"]) == ["yes", "no", "four"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    ours = t5.T5.from_pretrained(hf_dir)
+    ours = t5_weights.load(hf_dir)
     np.testing.assert_allclose(got, evaluate.score_choices(ours, [ids], [targets])[0], rtol=1e-6, atol=1e-6)
     assert results[0]["answer"] == ["yes", "no", "four"][int(np.argmax(want))]
     assert f"answer: {results[0]['answer']}" in capsys.readouterr().out
@@ -116,12 +119,9 @@ def test_cli_choices_scores_equal_transformers_loss_and_score_choices(hf_dir, ca
 def brute_force_routing(model, site, prompt_ids, answer):
     """Mean over heads and tokens of `site`'s recorded probabilities in one unpadded forward of prompt + answer:
     encoder sites and cross-attention K/V over the prompt's tokens, other decoder sites over the answer's."""
-    layer = model.get_submodule(site)
-    layer.record_routing = True
-    with torch.no_grad():
+    with torch.no_grad(), routing.record(model, [site]) as seen:
         model(torch.tensor([prompt_ids]), torch.tensor([[0] + answer[:-1]]))
-    probs = layer.last_routing[0].double()  # [len, (H,) E]
-    layer.record_routing, layer.last_routing = False, None
+    probs = seen[site][0].double()  # [len, (H,) E]
     return (probs.mean(1) if probs.dim() == 3 else probs).mean(0).numpy()
 
 
@@ -129,8 +129,7 @@ def test_cli_routing_rows_equal_brute_force_mean(tmp_path, capsys):
     """--routing-sites all: each row (the sites of one kind pooled) sums to 1 and equals the brute-force mean over
     the recorded probabilities of that kind's sites; the default site is the last decoder FFN."""
     from safetensors.torch import save_file
-    settings = types.SimpleNamespace(method="mov", experts=4, rank=4, alpha=16.0, top_k=None, router_input="token",
-                                     model="tiny", seed=0, dropout=0.0)
+    settings = ModelSettings(method="mov", experts=4, model="tiny", dropout=0.0)
     model = build.build_model(settings, torch.device("cpu")).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -198,6 +197,7 @@ def run_cli(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_without_traceback(tmp_path, hf_dir):
     """A missing vocabulary, a run directory without checkpoints, an empty prompt and no prompt: one `error:`
     line each, exit status 1."""
@@ -223,7 +223,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, hf_dir):
 
 def test_greedy_sentence_routed_rows_use_their_own_embedding():
     """A sentence-routed MoV model: each batched row is decoded with its own embedding, as one prompt alone."""
-    model = mov.add_mov(t5.T5(TINY), 3, router_input="sentence", sentence_dim=4)
+    model = mov.add_mov(t5.T5(TINY), 3, router=routing.Router(mov.Router(), sentence_dim=4))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -232,7 +232,7 @@ def test_greedy_sentence_routed_rows_use_their_own_embedding():
     inputs, emb = [[5, 6, 7, 8], [9, 10], [11, 12, 13]], np.random.default_rng(0).normal(size=(3, 4)) * 5
     got = generate.greedy(model, inputs, max_new_tokens=5, batch_size=2, sentence_embeddings=emb.astype(np.float32))
     for x, e, answer in zip(inputs, emb, got):
-        with mov.sentence_routing(model, torch.tensor(e[None], dtype=torch.float32)):
+        with routing.sentence_routing(model, torch.tensor(e[None], dtype=torch.float32)):
             row = model.generate(torch.tensor([x]), max_new_tokens=5)[0].tolist()
         assert answer == (row[:row.index(1) + 1] if 1 in row else row)
     swapped = generate.greedy(model, inputs, max_new_tokens=5, batch_size=2,

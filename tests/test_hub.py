@@ -1,4 +1,4 @@
-"""P3 and the model read from the Hugging Face hub (hub_io.py, p3_source.Source, t5_weights._resolve), against the
+"""P3 and the model read from the Hugging Face hub (sources/hub.py, sources.p3.Source, sources.t5_weights._resolve), against the
 local hub emulator (tests/hub_emulator.py) at P3's real size: 2,085 configs, a 1.5 MB README.
 
 Every test points huggingface_hub at the emulator (`use_hub`, which also undoes CI's HF_HUB_OFFLINE=1), counts the
@@ -16,11 +16,14 @@ import time
 import pytest
 
 import data
+from sources import p3
 import evaluate
-import hub_io
-import t5_weights
+from sources import hub as hub_io
+from sources import t5_weights
 import train
 from hub_emulator import HubEmulator, make_p3_repo, make_t5_model_repo, use_hub
+
+pytestmark = pytest.mark.slow  # the hub emulator at P3's size
 
 P3, MODEL = "bigscience/P3", "google/t5-small-lm-adapt"
 REAL = "super_glue_cb_GPT_3_style"  # the config with rows of its own: 256 rows in 4 row groups, > 64 KB
@@ -29,7 +32,7 @@ LISTING, PER_CONFIG = 20, 5  # the request budget: the listing, then each config
 
 def _table(name):
     """The config names of a packaged task table (p3/), in its order."""
-    with open(os.path.join(data.TABLE_DIR, name), newline="") as f:
+    with open(os.path.join(p3.TABLE_DIR, name), newline="") as f:
         return [r["p3_config"] for r in csv.DictReader(f, delimiter="\t")]
 
 
@@ -277,7 +280,7 @@ def test_resume_with_a_moved_mirror_or_another_mixture(tmp_path, monkeypatch, ca
     assert f"with --data {moved} (it trained on --data {first}): the same 12 tasks" in capsys.readouterr().out
     shutil.copytree(moved, other)
     shutil.rmtree(other / "demo_review_sentiment")
-    import build
+    from runner import build
     monkeypatch.setattr(build, "build_model", lambda *a, **k: pytest.fail("the model was built"))
     line = _one_error_line(capsys, [*argv, "--data", str(other), "--steps", "3"])
     assert "trained on another mixture (12 tasks" in line and "gives 11 tasks: 1 of the run's missing" in line

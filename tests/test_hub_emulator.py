@@ -21,6 +21,8 @@ from huggingface_hub.hf_api import RepoFile, RepoFolder
 
 from hub_emulator import HubEmulator, make_p3_repo, make_t5_model_repo, use_hub
 
+pytestmark = pytest.mark.slow  # an HTTP server and datasets' reader
+
 MODEL = "google/t5-small-lm-adapt"
 REAL = "super_glue_cb_GPT_3_style"  # the one P3 config with rows of its own (several row groups)
 HUB_PREFIXES = ("/api/models/", "/api/datasets/", "/datasets/", f"/{MODEL}/")

@@ -8,31 +8,11 @@ import transformers
 from torch import nn
 
 import molora
+import routing
+from conftest import VOCAB, hf_t5, tiny_t5
+from conftest import logits as hf_logits
 
-VOCAB = 64
-
-
-def hf_t5():
-    """A tiny random Hugging Face T5 (4 heads of 8, d_ff 48, 2+2 layers), no dropout."""
-    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-                                num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0)
-    return transformers.T5ForConditionalGeneration(cfg).eval()
-
-
-def ours_t5():
-    """Our T5 (t5.py) at its "tiny" preset, eval mode (no dropout)."""
-    import t5
-    return t5.T5(t5.T5Config.preset("tiny")).eval()
-
-
-MODELS = {"hf": hf_t5, "ours": ours_t5}
-
-
-def hf_logits(model):
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(2, VOCAB, (2, 7), generator=g), torch.randint(2, VOCAB, (2, 5), generator=g)
-    out = model(input_ids=x, decoder_input_ids=y)
-    return getattr(out, "logits", out)  # HF returns an output object, our T5 the logits
+MODELS = {"hf": hf_t5, "ours": tiny_t5}
 
 
 class Toy(nn.Module):
@@ -175,15 +155,24 @@ def test_lora_matches_peft():
     torch.testing.assert_close(hf_logits(ours.double()), hf_logits(theirs.double()), rtol=1e-10, atol=1e-10)
 
 
-def test_record_routing_is_fp32_softmax_of_input():
-    """With record_routing, a layer keeps softmax(x @ W_r) of its input in float32, also under bf16 autocast."""
+def test_routing_is_fp32_softmax_of_input_and_weights_experts_in_fp32():
+    """Under bf16 autocast the router gives softmax(x @ W_r) of the layer's input in float32, and those
+    probabilities weight each expert's A x in float32 (the original's fp32 probabilities promote the expert sum)."""
     layer = randomise(molora.MoLoRALinear(nn.Linear(8, 4, bias=False), num_experts=3))
-    layer.record_routing = True
     x = torch.randn(2, 3, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    weighted = []  # dtypes of the product p_e * (A_e x): the only multiply by a [b, L, E, 1] operand
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.mul, torch.Tensor.__mul__) and any(
+                    isinstance(a, torch.Tensor) and a.shape == (2, 3, 3, 1) for a in args):
+                weighted.append(tuple(a.dtype for a in args))
+            return func(*args, **(kwargs or {}))
+    with torch.autocast("cpu", dtype=torch.bfloat16), routing.record(layer, [""]) as seen, Spy():
         out = layer(x)
-    assert out.dtype == torch.bfloat16 and layer.last_routing.dtype == torch.float32
-    torch.testing.assert_close(layer.last_routing, torch.softmax(x @ layer.lora_router.detach(), -1))
+    assert out.dtype == torch.bfloat16 and seen[""].dtype == torch.float32
+    torch.testing.assert_close(seen[""], torch.softmax(x @ layer.lora_router.detach(), -1))
+    assert weighted == [(torch.float32, torch.float32)]
 
 
 @pytest.mark.parametrize("kind", MODELS)

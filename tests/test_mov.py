@@ -8,32 +8,11 @@ import transformers
 from torch import nn
 
 import mov
+import routing
+from conftest import VOCAB, hf_t5, tiny_t5
+from conftest import logits as hf_logits
 
-VOCAB = 64
-
-
-def hf_t5(feed_forward_proj="gated-gelu"):
-    """A tiny random Hugging Face T5 (4 heads of 8, d_ff 48, 2+2 layers), no dropout."""
-    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-                                num_heads=4, feed_forward_proj=feed_forward_proj, dropout_rate=0.0)
-    return transformers.T5ForConditionalGeneration(cfg).eval()
-
-
-def ours_t5():
-    """Our T5 (t5.py) at its "tiny" preset, eval mode (no dropout)."""
-    import t5
-    return t5.T5(t5.T5Config.preset("tiny")).eval()
-
-
-MODELS = {"hf": hf_t5, "ours": ours_t5}
-
-
-def hf_logits(model, batch=2):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(2, VOCAB, (batch, 7), generator=g)
-    y = torch.randint(2, VOCAB, (batch, 5), generator=g)
-    out = model(input_ids=x, decoder_input_ids=y)
-    return getattr(out, "logits", out)  # HF returns an output object, our T5 the logits
+MODELS = {"hf": hf_t5, "ours": tiny_t5}
 
 
 class Toy(nn.Module):
@@ -64,8 +43,24 @@ TOY = dict(attention_targets=("key", "value"), ffn_targets=("mlp.act",), num_hea
 METHODS = {
     "ia3": lambda m, **kw: mov.add_ia3(m, **kw),
     "mov": lambda m, **kw: mov.add_mov(m, 3, **kw),
-    "mov_top2_renorm": lambda m, **kw: mov.add_mov(m, 3, top_k=2, renormalize=True, **kw),
+    "mov_top2_renorm": lambda m, **kw: mov.add_mov(m, 3, router=renormalized(2), **kw),
 }
+
+
+def renormalized(top_k):
+    """routing.py's option around the paper's top-k router: the kept probabilities rescaled to sum 1."""
+    return routing.Router(mov.Router(top_k=top_k), renormalize=True)
+
+
+def sentence_router(dim):
+    return routing.Router(mov.Router(), sentence_dim=dim)
+
+
+def routed(layer, *inputs):
+    """(output, routing probabilities) of one forward of a routed layer, read through a hook on its router."""
+    with routing.record(layer, [""]) as seen:
+        out = layer(*inputs)
+    return out, seen[""]
 
 
 def frozen(model):
@@ -97,8 +92,8 @@ def test_init_sentence_routing_and_relu_ffn_unchanged():
     """Sentence-routed MoV on a ReLU-FFN T5 (act after `wi`) also starts as the identity."""
     model = frozen(hf_t5("relu"))
     ref = hf_logits(model)
-    mov.add_mov(model, 4, router_input="sentence", sentence_dim=6)
-    with mov.sentence_routing(model, torch.randn(2, 6)):
+    mov.add_mov(model, 4, router=sentence_router(6))
+    with routing.sentence_routing(model, torch.randn(2, 6)):
         torch.testing.assert_close(hf_logits(model), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -161,7 +156,8 @@ def loop_mov(h, router, experts, top_k=None, renormalize=False):
 def test_attention_site_matches_loop(top_k, renormalize):
     """A per-head MoV key projection equals a per-token, per-head, per-expert loop (random router and vectors)."""
     linear = nn.Linear(12, 3 * 4, bias=False)  # H = 3 heads of d_kv = 4
-    layer = mov.MoVLinear(linear, num_heads=3, num_experts=4, top_k=top_k, renormalize=renormalize)
+    router = renormalized(top_k) if renormalize else mov.Router(top_k=top_k)
+    layer = mov.MoVLinear(linear, heads=3, num_experts=4, router=router)
     nn.init.normal_(layer.mov_experts, 1.0, 0.5)
     nn.init.normal_(layer.mov_router, 0.0, 1.0)
     x = torch.randn(2, 5, 12)
@@ -174,7 +170,7 @@ def test_attention_site_matches_loop(top_k, renormalize):
 def test_ffn_site_matches_loop(top_k):
     """The FFN-activation MoV equals a per-token, per-expert loop over gelu(wi_0 x) (router reads the activation)."""
     act = nn.GELU(approximate="tanh")
-    layer = mov.MoVActivation(act, dim=10, num_experts=3, top_k=top_k)
+    layer = mov.MoVActivation(act, dim=10, num_experts=3, router=mov.Router(top_k=top_k))
     nn.init.normal_(layer.mov_experts, 1.0, 0.5)
     nn.init.normal_(layer.mov_router, 0.0, 1.0)
     x = torch.randn(2, 4, 10)
@@ -185,14 +181,13 @@ def test_ffn_site_matches_loop(top_k):
 def test_top_k_zeroes_all_but_k_without_renormalising():
     """Top-k keeps the k largest softmax probabilities unchanged and zeroes the rest; renormalize rescales to 1."""
     for renormalize in (False, True):
-        layer = mov.MoVActivation(nn.Identity(), dim=6, num_experts=5, top_k=2, renormalize=renormalize)
+        router = renormalized(2) if renormalize else mov.Router(top_k=2)
+        layer = mov.MoVActivation(nn.Identity(), dim=6, num_experts=5, router=router)
         nn.init.normal_(layer.mov_router, 0.0, 1.0)
-        layer.record_routing = True
         x = torch.randn(3, 4, 6)
-        layer(x)
+        _, got = routed(layer, x)
         full = torch.softmax(x @ layer.mov_router.detach(), -1)
         top2 = full.sort(-1, descending=True).values[..., :2]
-        got = layer.last_routing
         assert ((got > 0).sum(-1) == 2).all()
         kept = got.sort(-1, descending=True).values[..., :2]
         torch.testing.assert_close(kept, top2 / top2.sum(-1, keepdim=True) if renormalize else top2)
@@ -200,7 +195,7 @@ def test_top_k_zeroes_all_but_k_without_renormalising():
 
 def test_top_k_without_renormalising_shrinks_at_init():
     """As in the original, top-k without renormalisation is not the identity at init: h * (kept probability mass)."""
-    layer = mov.MoVActivation(nn.Identity(), dim=6, num_experts=4, top_k=1)
+    layer = mov.MoVActivation(nn.Identity(), dim=6, num_experts=4, router=mov.Router(top_k=1))
     nn.init.normal_(layer.mov_router, 0.0, 1.0)
     x = torch.randn(3, 6)
     top1 = torch.softmax(x @ layer.mov_router.detach(), -1).max(-1).values  # [3]
@@ -242,35 +237,34 @@ def test_ia3_matches_peft():
 @pytest.mark.parametrize("kind", MODELS)
 def test_sentence_routing_is_per_example(kind):
     """Sentence routing gives every token (and head) of an example the softmax of its embedding, in every layer."""
-    model = mov.add_mov(MODELS[kind](), 3, router_input="sentence", sentence_dim=6)
-    layers = [m for m in model.modules() if isinstance(m, (mov.MoVLinear, mov.MoVActivation))]
-    for m in layers:
-        m.record_routing = True
+    model = mov.add_mov(MODELS[kind](), 3, router=sentence_router(6))
+    layers = routing.routed_layers(model)
+    for m in layers.values():
         nn.init.normal_(m.mov_router, 0.0, 1.0)
     emb = torch.randn(2, 6)
-    with mov.sentence_routing(model, emb):
+    with routing.sentence_routing(model, emb), routing.record(model, layers) as seen:
         hf_logits(model)
-    assert all(m.sentence_embedding is None for m in layers)  # cleared on exit
-    for m in layers:
+    assert all(m.router.sentence_embedding is None for m in layers.values())  # cleared on exit
+    for name, m in layers.items():
         expected = torch.softmax(emb @ m.mov_router.detach(), -1)  # [b, E]
-        got = m.last_routing.flatten(1, -2)  # [b, tokens (x heads), E]
+        got = seen[name].flatten(1, -2)  # [b, tokens (x heads), E]
         torch.testing.assert_close(got, expected[:, None].expand_as(got))
         assert not torch.allclose(got[0], got[1])
 
 
 def test_sentence_routing_errors():
     """A sentence-routed layer outside the context, a wrong embedding size or batch all raise clear errors."""
-    model = mov.add_mov(hf_t5(), 3, router_input="sentence", sentence_dim=6)
+    model = mov.add_mov(hf_t5(), 3, router=sentence_router(6))
     with pytest.raises(RuntimeError, match="sentence_routing"):
         hf_logits(model)
     with pytest.raises(ValueError, match=r"\[batch, 6\]"):
-        with mov.sentence_routing(model, torch.randn(2, 5)):
+        with routing.sentence_routing(model, torch.randn(2, 5)):
             pass
     with pytest.raises(ValueError, match="batch 3"):
-        with mov.sentence_routing(model, torch.randn(3, 6)):
+        with routing.sentence_routing(model, torch.randn(3, 6)):
             hf_logits(model, batch=2)
     with pytest.raises(ValueError, match="no sentence-routed"):
-        with mov.sentence_routing(mov.add_mov(hf_t5(), 3), torch.randn(2, 6)):
+        with routing.sentence_routing(mov.add_mov(hf_t5(), 3), torch.randn(2, 6)):
             pass
 
 
@@ -278,21 +272,20 @@ def test_sentence_routing_errors():
 def test_bf16_autocast_and_bf16_weights(kind):
     """Under bf16 autocast and with bf16 base weights, routing stays float32 and outputs stay near float32's."""
     model = mov.add_mov(MODELS[kind](), 3, top_k=2)
-    for m in model.modules():
-        if isinstance(m, (mov.MoVLinear, mov.MoVActivation)):
-            nn.init.normal_(m.mov_experts, 1.0, 0.2)
-            m.record_routing = True
+    for m in routing.routed_layers(model).values():
+        nn.init.normal_(m.mov_experts, 1.0, 0.2)
+    probe = ["encoder.block.0.layer.1.DenseReluDense.act"]
     ref = hf_logits(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), routing.record(model, probe) as seen:
         auto = hf_logits(model)
-    probe = model.encoder.block[0].layer[1].DenseReluDense.act
-    assert probe.last_routing.dtype == torch.float32
+    assert seen[probe[0]].dtype == torch.float32
     for n, p in model.named_parameters():
         if not mov.is_adapter_param(n):
             p.data = p.data.to(torch.bfloat16)
-    half = hf_logits(model)
+    with routing.record(model, probe) as seen:
+        half = hf_logits(model)
     head_dtype = torch.float32 if kind == "ours" else torch.bfloat16  # t5.py's logits layer runs in fp32 (T5X)
-    assert half.dtype == head_dtype and probe.last_routing.dtype == torch.float32
+    assert half.dtype == head_dtype and seen[probe[0]].dtype == torch.float32
     for out in (auto, half):  # bf16 keeps ~3 significant digits; through 4 blocks allow 5% of the logit range
         assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
@@ -322,8 +315,8 @@ def test_toy_model_targets_and_inference_errors():
     (lambda m: mov.add_mov(m, 0), "num_experts"),
     (lambda m: mov.add_mov(m, -2), "-2"),
     (lambda m: mov.add_mov(m, 3, top_k=4), "top_k"),
-    (lambda m: mov.add_mov(m, 3, router_input="pooled"), "pooled"),
-    (lambda m: mov.add_mov(m, 3, router_input="sentence"), "sentence_dim"),
+    (lambda m: mov.add_mov(m, 3, top_k=2, router=mov.Router(top_k=2)), "not to add_mov"),
+    (lambda m: mov.add_mov(m, 3, router=routing.Router(mov.Router(), sentence_dim=0)), "sentence_dim"),
     (lambda m: mov.add_mov(m, 3, attention_targets=("k", "key_proj")), "key_proj"),
     (lambda m: mov.add_ia3(m, ffn_targets=("gelu",)), "gelu"),
     (lambda m: mov.add_mov(mov.add_mov(m, 3), 3), "once"),
@@ -331,6 +324,6 @@ def test_toy_model_targets_and_inference_errors():
     (lambda m: mov.add_ia3(m, attention_targets=("layer_norm",), ffn_targets=()), "expected nn.Linear"),
 ])
 def test_bad_arguments_raise(call, match):
-    """Bad expert counts, top_k, router_input, targets that match nothing, and a second application all raise."""
+    """Bad expert counts, top_k (twice, or too large), routers, unmatched targets, a second application raise."""
     with pytest.raises(ValueError, match=match):
         call(hf_t5())

@@ -1,4 +1,4 @@
-"""The run directory survives kills, damaged files, hostile files, full disks and bad input (rundir.py, issue 14).
+"""The run directory survives kills, damaged files, hostile files, full disks and bad input (runner/rundir.py).
 
 Every run here is the command line itself (`python train.py ...`, `python evaluate.py ...`) in a child process,
 killed for real where a test says so; tests/cli_child.py forks the children from a server that has already imported
@@ -23,7 +23,9 @@ import pytest
 import torch
 
 import cli_child
-import rundir
+from runner import rundir
+
+pytestmark = pytest.mark.slow  # kills, damaged files and full disks under train.py child processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo preset shortened as tests/test_train.py's demo_cfg, with a checkpoint every step and two kept, so that
@@ -268,6 +270,7 @@ def inputs(tmp_path_factory, four_steps):
 
     import data
     import t5
+    from sources import t5_weights
     from safetensors.torch import save_file
     root = tmp_path_factory.mktemp("inputs")
     p = {"missing": str(root / "no_such_dir"), "empty_dir": str(root / "empty"), "a_file": str(root / "a_file")}
@@ -287,7 +290,7 @@ def inputs(tmp_path_factory, four_steps):
         (path / "config.json").write_text(config)
         p[name] = str(path)
         return path
-    assert t5.T5.from_pretrained(str(model_dir("model_ok"))) is not None  # the undamaged form loads
+    assert t5_weights.load(str(model_dir("model_ok"))) is not None  # the undamaged form loads
     model_dir("model_missing_tensor", {k: v for k, v in state.items()
                                        if k != "decoder.block.1.layer.0.SelfAttention.k.weight"})
     (model_dir("model_garbage") / "model.safetensors").write_bytes(b"garbage" * 100)

@@ -1,5 +1,6 @@
 """train.py: the loss, the demo run end to end, resuming, checkpoints and bad inputs (tiny model, demo data)."""
 import json
+import math
 import os
 import signal
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 import adafactor
-import build
-import rundir
+from runner import build
+from runner import rundir
 import train
+from conftest import demo_args
 from safetensors.torch import load_file
 
 
@@ -204,3 +206,58 @@ def test_resume_after_a_hard_kill_relogs_nothing_twice(tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     reference = logged_losses(full.out)
     assert [r["loss"] for r in lines] == pytest.approx([reference[s] for s in range(1, 7)], rel=1e-6, abs=1e-7)
+
+
+E = 3  # experts of the router-option runs
+
+
+# ----------------------------------------------------------------------------------------------- recipes and router flags
+def short_demo(out, *flags):
+    return train.parse_args(demo_args(out, "--experts", "3", *flags))[0]
+
+
+@pytest.mark.parametrize("flags,balance", [(("--method", "mov"), False),
+                                           (("--method", "molora", "--top-k", "2", "--router-bias",
+                                             "--router-jitter", "0.01", "--load-balance-weight", "0.01"), True)])
+def test_demo_run_logs_routing_health(tmp_path, flags, balance):
+    """A short demo run of mov / molora writes router_entropy and expert_load_max on every log line (and
+    load_balance_loss when --load-balance-weight > 0); the values lie in their ranges."""
+    cfg = short_demo(tmp_path / "run", *flags)
+    train.main(cfg)
+    with open(os.path.join(cfg.out, "log.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [line["step"] for line in lines] == [1, 2]
+    for line in lines:
+        assert 0 < line["router_entropy"] <= math.log(E) + 1e-6 and 1 / E - 1e-6 <= line["expert_load_max"] <= 1
+        assert ("load_balance_loss" in line) == balance
+        if balance:
+            assert line["load_balance_loss"] > 0
+
+
+@pytest.mark.parametrize("method", ["mov", "molora", "ia3", "lora", "full"])
+def test_print_config_shows_each_methods_recipe(method, capsys):
+    """`train.py --method M --print-config` prints the recipe as JSON: the adapters' (batch 32, lr 3e-4, 500k steps,
+    LoRA rank 4, 1024/256 tokens, dropout 0.1) and, for full, the T0 baseline of configs/t0.gin and
+    scripts/t0_train.sh (batch 256, lr 1e-3, 10k steps)."""
+    assert train.cli(["--method", method, "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    recipe = dict(batch_size=32, lr=3e-4, steps=500_000) if method != "full" else \
+        dict(batch_size=256, lr=1e-3, steps=10_000)
+    assert {k: cfg[k] for k in recipe} == recipe
+    assert (cfg["rank"], cfg["input_length"], cfg["target_length"], cfg["dropout"]) == (4, 1024, 256, 0.1)
+    assert (cfg["router_jitter"], cfg["router_bias"], cfg["load_balance_weight"], cfg["dropout_mask"]) == \
+        (0.0, False, 0.0, "broadcast")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "lora", "--router-jitter", "0.1"], "--router-jitter applies to --method mov or molora"),
+    (["--method", "ia3", "--load-balance-weight", "0.01"], "--load-balance-weight applies"),
+    (["--method", "full", "--router-bias"], "--router-bias applies"),
+    (["--method", "molora", "--top-k", "11"], "--top-k must be between 1 and --experts"),
+    (["--router-jitter", "1.5"], "--router-jitter must be in"),
+    (["--load-balance-weight", "-1"], "--load-balance-weight must be"),
+])
+def test_router_flags_are_validated(argv, match):
+    """Router options outside mov/molora, a top-k above the experts, and out-of-range values are refused."""
+    with pytest.raises(ValueError, match=match):
+        train.parse_args(argv)

@@ -25,7 +25,7 @@ import molora
 import mov
 import sharding
 import t5
-import tpu_memory
+from tools import tpu_memory
 
 BATCH, INPUT_LEN, TARGET_LEN = 8, 16, 8  # 8 rows split over 4 (or 8) devices
 METHODS = {
@@ -340,7 +340,7 @@ def test_train_script_on_a_mesh_logs_the_cpu_losses(xla, tmp_path):
     """`train.py --device xla --fsdp 2` (demo data, MoV, fp32, no dropout) logs the CPU run's losses, resumed too."""
     import json
 
-    import rundir
+    from runner import rundir
     import train
 
     def run(device, out, steps=3):

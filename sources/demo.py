@@ -26,8 +26,8 @@ import tempfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from p3_source import EVAL_TABLE, TRAIN_TABLE
-from tokenizer import EOS, PAD, UNK, Tokenizer
+from sources import EVAL_TABLE, TRAIN_TABLE
+from sources.tokenizer import EOS, PAD, UNK, Tokenizer
 
 
 def cache_root(cache_dir=None):
@@ -36,6 +36,8 @@ def cache_root(cache_dir=None):
                                                                           "peft-moe")
 
 
+# The held-out datasets and their column titles in the evaluation table.
+DEMO_EVAL_DATASETS = [("demo_opinion", "Opinion"), ("demo_order", "Order"), ("demo_kind", "Kind")]
 _POS = "good great lovely happy fun nice bright sweet pleasant wonderful".split()
 _NEG = "bad awful boring sad dull ugly poor rude terrible horrible".split()
 _NOUNS = "movie meal trip book song game show room party class".split()

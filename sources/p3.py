@@ -14,7 +14,7 @@ The task tables (p3/t0_train_tasks.tsv, p3/t0_eval_tasks.tsv; p3/README.md says 
 ("Pushing Mixture of Experts to the Limit", arXiv 2309.05444, section 3) evaluate on.
 
 Deliberate deviations from the original (each keeps the distribution; none changes what an example contains):
-- Reading: the hub's files are found by one recursive listing of the repository at a pinned commit (hub_io.py), not
+- Reading: the hub's files are found by one recursive listing of the repository at a pinned commit (hub.py), not
   by `datasets` (whose `load_dataset_builder` re-parses P3's 1.5 MB README per config), and read with pyarrow one
   parquet row group at a time by HTTP range requests, not through `datasets`' streaming iterator: a resume then
   seeks through parquet metadata (three ints per task) instead of re-reading the stream (`IterableDataset.skip(n)`
@@ -33,12 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import hub_io
-from tokenizer import EOS, Tokenizer
+from sources import EVAL_TABLE, TRAIN_TABLE, hub
+from sources.tokenizer import EOS, Tokenizer
 
 P3_HUB = "bigscience/P3"
-TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "p3")
-TRAIN_TABLE, EVAL_TABLE = "t0_train_tasks.tsv", "t0_eval_tasks.tsv"
+TABLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "p3")  # the repository's p3/
 
 
 def unreadable_error(path, config, err, local=True):
@@ -58,8 +57,8 @@ def unknown_name_error(kind, name, known, where):
 
 class Source:
     """Where P3-layout parquet lives: a local directory (`<dir>/<config>/<split>-*.parquet`), else a hub dataset
-    repository in the same layout, listed once at a pinned commit and read by byte ranges (hub_io.py). An existing
-    directory wins over a hub name. (`data` resolves the name "demo" to demo_data.demo_dir() before it gets here.)"""
+    repository in the same layout, listed once at a pinned commit and read by byte ranges (hub.py). An existing
+    directory wins over a hub name. (`data` resolves the name "demo" to sources.demo.demo_dir() before it gets here.)"""
 
     def __init__(self, source):
         self.name = os.fspath(source)
@@ -75,11 +74,11 @@ class Source:
         missing = f"data source {self.name!r}: {state} ({os.path.abspath(self.name)})"
         fix = (f"pass a directory in P3's layout (<dir>/<config>/<split>-*.parquet), a hub dataset name like "
                f"{P3_HUB!r}, or demo")
-        if not hub_io.could_be_repo_id(self.name):
+        if not hub.could_be_repo_id(self.name):
             raise FileNotFoundError(f"{missing}; {fix}")
         try:
-            return hub_io.snapshot(self.name)
-        except hub_io.HubError as e:
+            return hub.snapshot(self.name)
+        except hub.HubError as e:
             if e.reason.startswith("no dataset repository"):
                 raise FileNotFoundError(f"{missing}, and {e.reason}; {fix}") from e
             raise OSError(f"{missing}, and {e.reason}. Without the hub: `huggingface-cli download {self.name} "
@@ -131,11 +130,11 @@ class Source:
         path = os.path.join(self.name, "spiece.model")
         if not os.path.isfile(path):
             raise ValueError(f"{self.name} holds text without token ids and no spiece.model; pass "
-                             "tokenizer=data.Tokenizer.from_pretrained(<the model's name or directory>)")
+                             "tokenizer=sources.tokenizer.Tokenizer.from_pretrained(<the model's name or directory>)")
         return Tokenizer(path)
 
     def _parquet(self, config, path, read):
-        """read(file) on the open file (a pyarrow OSFile, or a hub_io.HubFile), errors naming the file and config."""
+        """read(file) on the open file (a pyarrow OSFile, or a hub.HubFile), errors naming the file and config."""
         try:
             with pa.OSFile(path) if self.local else self.hub.open(path) as f:
                 return read(f)
@@ -150,7 +149,7 @@ class Source:
         """Row group `group` of the file whose footer is `meta`, these columns only (one range request on the hub)."""
         def read(f):
             if not self.local:
-                f.prefetch(hub_io.column_spans(meta, [group], columns))
+                f.prefetch(hub.column_spans(meta, [group], columns))
             return pq.ParquetFile(f, metadata=meta).read_row_group(group, columns=columns)
         return self._parquet(config, path, read)
 
@@ -160,7 +159,7 @@ class Source:
             pf = pq.ParquetFile(f)
             names = [c for c in pf.schema_arrow.names if c in columns]
             if not self.local:
-                f.prefetch(hub_io.column_spans(pf.metadata, range(pf.metadata.num_row_groups), names))
+                f.prefetch(hub.column_spans(pf.metadata, range(pf.metadata.num_row_groups), names))
             return pf.read(columns=names)
         return pa.concat_tables([self._parquet(config, path, read) for path in self.files(config, split)])
 

@@ -16,7 +16,7 @@ Deliberate deviations from seqio (none changes what an example contains):
 """
 import numpy as np
 
-from tokenizer import PAD
+from sources.tokenizer import PAD
 
 FIELDS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions", "decoder_target_tokens",
           "decoder_input_tokens", "decoder_loss_weights", "decoder_segment_ids", "decoder_positions")

@@ -1,7 +1,7 @@
 """What train.py, evaluate.py and generate.py share as command lines: bad input ends with one line, never a traceback.
 
     if __name__ == "__main__":
-        import cli
+        from runner import cli
         cli.catch_early_interrupt()      # first thing: Ctrl-C while torch loads prints one line
     ...
     if __name__ == "__main__":

@@ -1,12 +1,19 @@
-"""--dtype auto (build.activations): bf16 autocast on accelerators and on CPUs with native bf16 matmuls, float32 on
-other CPUs; the choice is printed at the start of training and recorded in the run's config.json."""
+"""runner/build.py: --dtype auto (bf16 autocast on accelerators and on CPUs with native bf16 matmuls, float32 on
+other CPUs; printed at the start of training and recorded in config.json), and models built from settings (the
+run's dropout on a loaded checkpoint, MoLORA's top-k)."""
+import dataclasses
 import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
-import build
+import molora
+import t5
 import train
+from runner import build
+from runner.settings import ModelSettings
 
 CPU = torch.device("cpu")
 
@@ -47,3 +54,30 @@ def test_training_says_and_records_the_resolved_dtype(tmp_path, monkeypatch, cap
     assert "activations: bf16 autocast (--dtype auto: CPU with AMX-BF16)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["dtype"] == "auto" and saved["activations"] == "bfloat16" and saved["world_size"] == 1
+
+
+def test_molora_accepts_top_k_and_dropout_mask_reaches_the_model():
+    """--top-k is accepted for molora and reaches every MoLORA layer; --dropout-mask reaches the T5 config."""
+    cfg, _ = train.parse_args(["--method", "molora", "--top-k", "2", "--model", "tiny", "--dropout-mask",
+                               "elementwise"])
+    model = build.build_model(cfg, torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, molora.MoLoRALinear)]
+    assert layers and all(m.router.top_k == 2 for m in layers)
+    assert model.config.dropout_mask == "elementwise"
+
+
+def test_loaded_checkpoint_gets_the_runs_dropout(tmp_path):
+    """A checkpoint directory (HF layout) built with --dropout-mask elementwise --dropout 0.2 holds elementwise (HF's)
+    dropout modules of rate 0.2 everywhere (no broadcast dimension), its config says so, and its weights are the
+    files'."""
+    source = t5.T5(t5.T5Config.preset("tiny")).eval()
+    c = source.config
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    hf = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "dropout_mask"}
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "t5"}))
+    settings = ModelSettings(method="full", model=str(tmp_path), dropout=0.2, dropout_mask="elementwise")
+    model = build.build_model(settings, torch.device("cpu"))
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(getattr(m, "broadcast_dim", None) is None and m.p == 0.2 for m in drops)  # elementwise
+    assert model.config.dropout_mask == "elementwise" and model.config.dropout_rate == 0.2
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())

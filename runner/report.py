@@ -10,21 +10,23 @@ average are post-processing, done here.
     print(report.format_table(results, compare="paper"))
     report.write_outputs(results, "runs/mov-30")          # eval.json, eval.md
 """
+import csv
 import json
 import os
 import statistics
 
 import numpy as np
 
-import data
-import rundir
+from runner import rundir
+from sources.demo import DEMO_EVAL_DATASETS
 
+# The paper's held-out datasets, Table 1's columns in its order, by their T0 evaluation keys (data.load_eval's):
+# ANLI's three rounds are averaged into one column before the average over the eight datasets.
+HELD_OUT = {"anli_r1": "ANLI R1", "anli_r2": "ANLI R2", "anli_r3": "ANLI R3", "cb": "CB", "rte": "RTE",
+            "wsc": "WSC", "wic": "WiC", "copa": "COPA", "winogrande": "WinoGrande", "hellaswag": "HellaSwag"}
 ANLI_ROUNDS = ("anli_r1", "anli_r2", "anli_r3")
-# The paper's eight held-out datasets, ANLI counted once (the mean of its rounds), in Table 1's column order.
-PAPER_DATASETS = ("anli", "cb", "rte", "wsc", "wic", "copa", "winogrande", "hellaswag")
-P3_EVAL_KEYS = ANLI_ROUNDS + PAPER_DATASETS[1:]
-# Column titles: the paper's datasets and the demo's, as data.py names them.
-COLUMN_NAMES = {**dict(data.EVAL_DATASETS), "anli": "ANLI", **dict(data.DEMO_EVAL_DATASETS)}
+PAPER_DATASETS = ("anli",) + tuple(k for k in HELD_OUT if k not in ANLI_ROUNDS)  # the eight averaged columns
+COLUMN_NAMES = {**HELD_OUT, "anli": "ANLI", **dict(DEMO_EVAL_DATASETS)}
 # Table 1 of the paper (T5-3B, median accuracy over templates), averages only: the per-dataset cells were not
 # available to us first-hand, so they are not reproduced.
 PAPER_AVERAGES = {"T0-3B": 60.06, "(IA)3": 52.90, "LoRA r4": 57.51, "MoV-10": 59.93, "MoV-30": 60.61,
@@ -54,7 +56,7 @@ def summarize(task_accuracy):
 
 def ordered(keys):
     """Table 1's column order for the paper's datasets (then the demo's), then any others sorted."""
-    order = ANLI_ROUNDS + PAPER_DATASETS + tuple(k for k, _ in data.DEMO_EVAL_DATASETS)
+    order = ANLI_ROUNDS + PAPER_DATASETS + tuple(k for k, _ in DEMO_EVAL_DATASETS)
     return [k for k in order if k in keys] + sorted(k for k in keys if k not in order)
 
 
@@ -112,3 +114,49 @@ def write_outputs(results, out_dir, compare=None, name="eval"):
         lines += ["", f"{no_correct} examples have no choice marked is_correct; each counts as wrong, as in T5's "
                   "`rank_classification` (t5/evaluation/metrics.py). Per template: `no_correct` in the JSON."]
     rundir.write_atomic(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
+
+
+def write_routing(results, out_dir):
+    """routing.csv (site, dataset, template, tokens, expert_0..) with a template '*' row per dataset (token-weighted
+    over its templates), and routing.png: one heatmap per site, datasets x experts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sites = list(results["routing"])
+    per_dataset = {}
+    tmp = os.path.join(out_dir, f"routing.csv.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = None
+        for site in sites:
+            for dataset in ordered(results["routing"][site]):
+                probs = results["routing"][site][dataset]
+                tokens = results["routing_tokens"][site][dataset]
+                if writer is None:
+                    num_experts = len(next(iter(probs.values())))
+                    writer = csv.writer(f)
+                    writer.writerow(["site", "dataset", "template", "tokens"] +
+                                    [f"expert_{e}" for e in range(num_experts)])
+                for template in sorted(probs):
+                    writer.writerow([site, dataset, template, int(tokens[template])] +
+                                    [f"{p:.6f}" for p in probs[template]])
+                weight = np.array([tokens[t] for t in probs])
+                mean = (np.array([probs[t] for t in probs]) * weight[:, None]).sum(0) / max(weight.sum(), 1.0)
+                per_dataset.setdefault(site, {})[dataset] = mean
+                writer.writerow([site, dataset, "*", int(weight.sum())] + [f"{p:.6f}" for p in mean])
+    os.replace(tmp, os.path.join(out_dir, "routing.csv"))
+    num_experts = len(next(iter(per_dataset[sites[0]].values())))
+    fig, axes = plt.subplots(len(sites), 1, squeeze=False,
+                             figsize=(3.5 + 0.4 * num_experts, sum(1.2 + 0.3 * len(per_dataset[s]) for s in sites)))
+    for ax, site in zip(axes[:, 0], sites):
+        names = list(per_dataset[site])
+        grid = np.stack([per_dataset[site][d] for d in names])  # [datasets, E]
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_yticks(range(len(names)), [COLUMN_NAMES.get(d, d) for d in names])
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_xlabel("expert")
+        ax.set_title(site, fontsize=8)
+        fig.colorbar(image, ax=ax).set_label("mean routing prob.", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(tmp.replace("routing.csv", "routing.png"), dpi=120, format="png")
+    os.replace(tmp.replace("routing.csv", "routing.png"), os.path.join(out_dir, "routing.png"))
+    plt.close(fig)

@@ -18,7 +18,7 @@ training is the single-process one, exactly:
     --batch-size / --grad-accum (world_size is recorded in config.json but is not part of the run's identity);
   - dropout and router jitter: every process draws from the same RNG stream (seed + 2, or the checkpoint's state)
     the masks (and --router-jitter noise) of the global micro-batch and keeps its own rows (`rows` of t5.Dropout
-    and of the mov.py / molora.py layers, set by `share_noise`), so they, and the losses, are the single process's
+    and of routing.Router, set by `share_noise`), so they, and the losses, are the single process's
     exactly, also after resuming on another number of processes; each process draws the global batch's random
     numbers (cheap: a broadcast mask is one value per row and feature).
 A SIGINT / SIGTERM on any process stops all of them after the same step (the flag is all-reduced every step over
@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import build
+from runner import build
+import routing
 import t5
 
 
@@ -90,7 +91,7 @@ def no_sync(model: torch.nn.Module, group: Group, last: bool):
 
 
 def example_counts(batch: dict, grad_accum: int) -> np.ndarray:
-    """Per micro-batch of a numpy batch: its number of examples with loss weight (losses.loss_fn's normaliser),
+    """Per micro-batch of a numpy batch: its number of examples with loss weight (train.loss_fn's normaliser),
     counted as distinct (row, segment id > 0) pairs whose weights sum above zero."""
     segments, weights = batch["decoder_segment_ids"], batch["decoder_loss_weights"]  # [B, T]
     total = np.zeros((segments.shape[0], int(segments.max(initial=0)) + 1))
@@ -100,7 +101,7 @@ def example_counts(batch: dict, grad_accum: int) -> np.ndarray:
 
 def share(batch: dict, group: Group, grad_accum: int) -> tuple[dict, Optional[list]]:
     """(this process's rows of the global numpy batch, its share of each micro-batch's examples), or (batch, None)
-    in a single process. Rows: of each micro-batch, the process's contiguous 1/world_size. losses.loss_fn averages
+    in a single process. Rows: of each micro-batch, the process's contiguous 1/world_size. train.loss_fn averages
     over the examples it is given; times the share it becomes the sum over them / the global micro-batch's count."""
     if group.world_size == 1:
         return batch, None
@@ -137,11 +138,11 @@ def stop_signal(group: Group, stop: dict) -> Optional[int]:
 
 
 def share_noise(model: torch.nn.Module, group: Group) -> None:
-    """Each t5.Dropout and routed layer (router_jitter) of `model` draws the global micro-batch's random numbers and
+    """Each t5.Dropout and routing.Router (its jitter) of `model` draws the global micro-batch's random numbers and
     keeps this process's rows (see above)."""
     if group.world_size > 1:
         for m in model.modules():
-            if isinstance(m, t5.Dropout) or hasattr(m, "router_jitter"):
+            if isinstance(m, (t5.Dropout, routing.Router)):
                 m.rows = (group.rank, group.world_size)
 
 

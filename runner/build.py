@@ -8,9 +8,8 @@ rebuilt identically by the others:
     on, line = build.activations("auto", device)              # the same, with the reason, for the log
     model = build.build_model(settings, device)               # backbone + adapters, base weights frozen
 
-`settings` is any object with the run's fields as attributes (train.Config, or a run directory's config.json read
-back by rundir.py): method, experts, rank, alpha, top_k, router_input, model, dropout, seed, and optionally the
-router options and dropout_mask. The backbone is T5 v1.1 + LM adaptation (`google/t5-<size>-lm-adapt`), the one the
+`settings` is a runner.settings.ModelSettings (or its Config, train.py's settings, or a run directory's config.json
+read back with `Config.from_dict`). The backbone is T5 v1.1 + LM adaptation (`google/t5-<size>-lm-adapt`), the one the
 paper adapts (Zadouri et al. 2023, section 3; the original's `configs/*.gin` load `t5_1_1_lm100k_<size>`).
 """
 import dataclasses
@@ -20,12 +19,11 @@ import torch
 
 import molora
 import mov
+import routing
 import t5
-
-METHODS = ("mov", "molora", "ia3", "lora", "full")
-SIZES = ("small", "base", "large", "xl", "xxl")  # presets with released LM-adapted weights on the hub
-# The settings a model is built from (the fields of train.Config that build_model reads).
-SETTINGS = ("method", "experts", "rank", "alpha", "top_k", "router_input", "model", "dropout", "seed")
+from runner import rundir
+from sources import t5_weights
+from runner.settings import METHODS, SENTENCE_DIM, SIZES, Config
 
 
 # ----------------------------------------------------------------------------------------------- device and dtype
@@ -114,7 +112,7 @@ def model_config(settings) -> t5.T5Config:
     if settings.model == "tiny" or settings.model in SIZES:
         config = t5.T5Config.preset(settings.model)
     elif os.path.isfile(os.path.join(settings.model, "config.json")):
-        config = t5.T5Config.from_hf(os.path.join(settings.model, "config.json"))
+        config = t5_weights.read_config(os.path.join(settings.model, "config.json"))
     else:
         raise ValueError(f"--model {settings.model!r}: the shapes need a preset ({', '.join(('tiny',) + SIZES)}) or "
                          "a directory with config.json")
@@ -122,27 +120,30 @@ def model_config(settings) -> t5.T5Config:
 
 
 def dropout(settings) -> dict:
-    """The run's dropout as T5Config fields; dropout_mask defaults to T5X's for run configs written without it."""
-    return dict(dropout_rate=settings.dropout, dropout_mask=getattr(settings, "dropout_mask", "broadcast"))
+    """The run's dropout as T5Config fields."""
+    return dict(dropout_rate=settings.dropout, dropout_mask=settings.dropout_mask)
+
+
+def router(settings, layer_file):
+    """The router every site of a mov / molora model gets: None (the layer file's paper router, `layer_file.Router`
+    with top_k) unless an option of the original's routing.py is on; then routing.Router around it."""
+    paper = layer_file.Router(top_k=settings.top_k)
+    sentence = SENTENCE_DIM if settings.router_input == "sentence" else None
+    if not (settings.router_jitter or settings.router_bias or sentence):
+        return paper
+    return routing.Router(paper, jitter=settings.router_jitter, bias=settings.router_bias, sentence_dim=sentence)
 
 
 def add_adapters(model: torch.nn.Module, settings) -> torch.nn.Module:
     """Wrap the backbone's layers from outside (mov.py / molora.py); the base weights are frozen by the injector."""
     method = settings.method
-    # the original's router options (src/routing.py); absent from run configs written before them: off
-    router = dict(router_jitter=getattr(settings, "router_jitter", 0.0),
-                  router_bias=getattr(settings, "router_bias", False))
     if method == "mov":
-        sentence_dim = None
-        if settings.router_input == "sentence":
-            from data import SENTENCE_DIM as sentence_dim  # the embedder's width (data.SentenceEmbedder)
-        return mov.add_mov(model, settings.experts, top_k=settings.top_k, router_input=settings.router_input,
-                           sentence_dim=sentence_dim, **router)
+        return mov.add_mov(model, settings.experts, router=router(settings, mov))
     if method == "ia3":
         return mov.add_ia3(model)
     if method == "molora":
         return molora.add_molora(model, settings.experts, rank=settings.rank, alpha=settings.alpha,
-                                 top_k=settings.top_k, **router)
+                                 router=router(settings, molora))
     if method == "lora":
         return molora.add_lora(model, rank=settings.rank, alpha=settings.alpha)
     if method == "full":
@@ -156,7 +157,7 @@ def build_model(settings, device: torch.device) -> torch.nn.Module:
     if settings.model == "tiny":
         model = t5.T5(model_config(settings))
     else:
-        loaded = t5.T5.from_pretrained(hub_name(settings.model))
+        loaded = t5_weights.load(hub_name(settings.model))
         # the run's dropout (rate, mask) on the checkpoint's config: rebuilt on meta, the loaded tensors moved in
         with torch.device("meta"):
             model = t5.T5(dataclasses.replace(loaded.config, **dropout(settings)))
@@ -180,6 +181,38 @@ def count_params(settings) -> str:
             f"total parameters     {total:,}")
 
 
-def run_name(method: str, experts: int) -> str:
-    """mov-30, molora-15, ia3, lora, full: a run's short name (its default directory and table label)."""
-    return f"{method}-{experts}" if method in ("mov", "molora") else method
+# Keys every config.json train.py has written holds; a file without them was not written by it.
+_REQUIRED = ("method", "experts", "rank", "alpha", "top_k", "router_input", "model", "dropout", "seed")
+
+
+def load_run(run_dir, step=None, device="cpu", log=print):
+    """(model in eval mode, settings, step) of a training run: its backbone and the adapters of its newest loadable
+    checkpoint (or of `step`). settings: the run's Config, read from config.json."""
+    path = os.path.join(run_dir, "config.json")
+    saved = rundir.read_config(run_dir)
+    missing = [k for k in _REQUIRED if k not in saved]
+    if missing:
+        raise rundir.RunDirError(f"{path} lacks {missing}; it was not written by this train.py. Pass --model and "
+                                 "--adapter instead of --run")
+    settings = Config.from_dict(saved, where=path)
+    try:
+        settings.validate()
+    except ValueError as e:
+        raise rundir.RunDirError(f"{path} holds impossible settings ({e}); restore the file, or pass --model and "
+                                 "--adapter instead of --run") from e
+    found = dict(rundir.checkpoints(run_dir))
+    if not found:
+        raise rundir.RunDirError(f"run directory {run_dir} has no checkpoint yet (checkpoints/step_*); train first")
+    if step is not None and step not in found:
+        raise rundir.RunDirError(f"run directory {run_dir} has no checkpoint of step {step}; it has {sorted(found)}")
+    model = build_model(settings, torch.device("cpu"))
+    for s in [step] if step is not None else sorted(found, reverse=True):
+        try:
+            rundir.load_trainable(model, os.path.join(found[s], rundir.TRAINABLE_FILE))
+        except rundir.RunDirError as e:
+            if step is not None:
+                raise
+            log(f"skipping checkpoint {found[s]}: {e}")
+            continue
+        return model.to(device).eval(), settings, s
+    raise rundir.RunDirError(f"no checkpoint of {run_dir} loads (see above); evaluate one with --step, or retrain")

@@ -7,7 +7,8 @@ model.safetensors, pytorch_model.bin, or shards of either with their `*.index.js
 (safetensors, memory-mapped zip .bin) and `.bin` files only with `torch.load(weights_only=True)`: nothing is
 unpickled beyond tensors.
 
-    model = t5_weights.load(t5.T5, t5.T5Config, "google/t5-xl-lm-adapt")   # what T5.from_pretrained calls
+    model = t5_weights.load("google/t5-xl-lm-adapt")        # a t5.T5 in eval mode, fp32 on the CPU
+    config = t5_weights.read_config("DIR/config.json")     # a t5.T5Config
 """
 import dataclasses
 import json
@@ -16,20 +17,23 @@ import zipfile
 
 import torch
 
+import t5
+from sources import hub
 
-def load(cls, config_cls, name_or_path, dtype=torch.float32, device="cpu"):
-    """A `cls` (t5.T5) with the checkpoint's weights, in eval mode; `config_cls` (t5.T5Config) reads config.json.
+
+def load(name_or_path, dtype=torch.float32, device="cpu"):
+    """A t5.T5 with the checkpoint's weights, in eval mode.
     Tying is decided by the files (is there an `lm_head.weight`?): transformers 5.x writes tie_word_embeddings=True
     even for the untied v1.1."""
     path = _resolve(name_or_path)
     shards = {f: _open_weights(os.path.join(path, f)) for f in _weight_files(path)}  # headers only
     found = {k: (f, shape) for f, (shapes, _) in shards.items() for k, shape in shapes.items() if k not in _ALIASES}
     try:
-        config = dataclasses.replace(config_cls.from_hf(path), tie_word_embeddings="lm_head.weight" not in found)
+        config = dataclasses.replace(read_config(path), tie_word_embeddings="lm_head.weight" not in found)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{os.path.join(path, 'config.json')} is not a T5 config: {type(e).__name__} {e}") from e
     with torch.device("meta"):
-        model = cls(config)
+        model = t5.T5(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
@@ -88,8 +92,8 @@ def _open_lazily(file):
     return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
 
 
-def read_config(config_cls, path_or_dict):
-    """A `config_cls` (t5.T5Config) from a HF config.json: a dict, the file, or its directory. Tying is only a guess
+def read_config(path_or_dict):
+    """A t5.T5Config from a HF config.json: a dict, the file, or its directory. Tying is only a guess
     here: `load` decides it from the weight files. Rescaling follows `scale_decoder_outputs` (transformers 5.x
     writes it and always says tie_word_embeddings=True) or else `tie_word_embeddings` (hub files written by 4.x)."""
     d = path_or_dict
@@ -103,12 +107,12 @@ def read_config(config_cls, path_or_dict):
     if d.get("model_type", "t5") not in ("t5", "mt5"):
         raise ValueError(f"config model_type is {d['model_type']!r}; this file implements T5 only")
     tie = d.get("tie_word_embeddings", True)  # HF's default when the key is absent
-    kw = {f.name: d[f.name] for f in dataclasses.fields(config_cls) if d.get(f.name) is not None}
+    kw = {f.name: d[f.name] for f in dataclasses.fields(t5.T5Config) if d.get(f.name) is not None}
     kw.update(num_decoder_layers=d.get("num_decoder_layers") or d["num_layers"], tie_word_embeddings=tie,
               scale_decoder_outputs=d.get("scale_decoder_outputs", tie))
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = kw["eos_token_id"][0]
-    return config_cls(**kw)
+    return t5.T5Config(**kw)
 
 
 def _resolve(name_or_path):
@@ -119,16 +123,15 @@ def _resolve(name_or_path):
     missing = f"no checkpoint {name_or_path!r}: {state} ({os.path.abspath(name_or_path)})"
     how = ("pass a local directory holding config.json and model.safetensors or pytorch_model.bin (HF layout), "
            "e.g. made with `huggingface-cli download google/t5-xl-lm-adapt --local-dir DIR` where the hub is reachable")
-    import hub_io  # the hub's name rules and one-line failure reasons (huggingface_hub only inside)
-    if not hub_io.could_be_repo_id(name_or_path):
+    if not hub.could_be_repo_id(name_or_path):
         raise FileNotFoundError(f"{missing}, and not a hub name (namespace/name) either. Fix: {how}")
     from huggingface_hub import snapshot_download
     try:
         path = snapshot_download(name_or_path, allow_patterns=["config.json", "model*.safetensors*"])
         if not any(os.path.exists(os.path.join(path, n)) for layout in _WEIGHT_LAYOUTS for n in layout):
             path = snapshot_download(name_or_path, allow_patterns=["config.json", "pytorch_model*.bin*"])
-    except hub_io.failures() as e:  # huggingface_hub's network, offline and not-found errors, its client's
-        why = hub_io.reason(e, "model", name_or_path)
+    except hub.failures() as e:  # huggingface_hub's network, offline and not-found errors, its client's
+        why = hub.reason(e, "model", name_or_path)
         raise (FileNotFoundError if why.startswith("no model repository") else OSError)(
             f"{missing}, and {why}. Fix: {how}") from e
     return path

@@ -2,8 +2,8 @@
 adapters (the peer), timed over training steps with its peak memory probed; or rank classification timed with one
 encoder pass per example against one forward per choice. bench.py runs the configurations and writes the report.
 
-    record = bench_measure.run_spec({"kind": "train", "impl": "ours", "name": "mov-30", "preset": "small",
-                                     "batch_size": 2, "input_len": 256, "target_len": 64, "warmup": 2, "steps": 5,
+    record = bench_measure.run_spec({"kind": "train", "impl": "ours", "name": "mov-30", "model": "small",
+                                     "batch_size": 2, "input_length": 256, "target_length": 64, "warmup": 2, "steps": 5,
                                      "threads": 2, "device": "cpu", "seed": 0, "dtype": "bfloat16"})
 
 What is measured, per configuration, each in a fresh `python bench.py --worker SPEC` process (configurations
@@ -12,7 +12,7 @@ in T5's config, no padding, loss = mean token cross-entropy, and adafactor.Adafa
 (requires_grad) parameters for every implementation, in the spec's dtype: float32, or bfloat16 = the forward under
 torch.autocast(bfloat16) with float32 weights, gradients and optimizer (ours and the peer alike):
   - step time: wall time of forward + backward + optimizer step (device synchronised), median over --steps timed
-    steps after --warmup steps; throughput = batch * (input_len + target_len) / median step time; the table flags
+    steps after --warmup steps; throughput = batch * (input_length + target_length) / median step time; the table flags
     a configuration whose slowest timed step (or evaluation round) took over 1.3x its fastest (another process
     took the cores);
   - peak memory: on CUDA torch.cuda.max_memory_allocated growth over the memory held before the model was built;
@@ -40,21 +40,20 @@ import gc
 import os
 import statistics
 import time
-import types
 
 import torch
 import torch.nn.functional as F
 
 import adafactor
-import bench_flops
-import build
+from tools import bench_flops
+from runner import build
+from runner.settings import ModelSettings, parse_run_name
 import evaluate
 import t5
 
-# name -> (method, experts); LoRA and MoLORA use rank 4 as in the paper (the original's configs/molora.gin: rank 4)
-# and alpha 16 (molora.py's default)
-CONFIGS = {"full": ("full", None), "ia3": ("ia3", None), "mov-10": ("mov", 10), "mov-30": ("mov", 30),
-           "lora": ("lora", None), "molora-10": ("molora", 10), "molora-15": ("molora", 15)}
+# The configurations, named as train.py names runs (runner.settings.run_name); LoRA and MoLORA use rank 4 as in the
+# paper (the original's configs/molora.gin: rank 4) and alpha 16 (molora.py's default).
+CONFIGS = ("full", "ia3", "mov-10", "mov-30", "lora", "molora-10", "molora-15")
 PEERS = ("full", "ia3", "lora")  # configurations transformers + peft also have
 RANK, ALPHA = 4, 16
 NUM_CHOICES = 4
@@ -78,11 +77,10 @@ def hf_config(cfg):
 
 def make_model(impl, name, cfg):
     """A randomly initialised model with configuration `name`'s adapters, trainable = requires_grad, on the CPU."""
-    method, experts = CONFIGS[name]
+    method, experts = parse_run_name(name)
     if impl == "ours":
-        settings = types.SimpleNamespace(method=method, experts=experts, rank=RANK, alpha=ALPHA, top_k=None,
-                                         router_input="token")
-        return build.add_adapters(t5.T5(cfg), settings)
+        return build.add_adapters(t5.T5(cfg), ModelSettings(method=method, experts=experts or 1, rank=RANK,
+                                                            alpha=ALPHA))
     if name not in PEERS:
         raise ValueError(f"configuration {name!r} has no peer; peers exist for {PEERS}")
     import peft
@@ -106,11 +104,11 @@ def logits_of(impl, model, input_ids, decoder_input_ids):
     return model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False).logits
 
 
-def random_batch(cfg, batch_size, input_len, target_len, seed, device):
+def random_batch(cfg, batch_size, input_length, target_length, seed, device):
     """Random ids in [2, vocab) (no pad, no EOS): inputs [b, L], targets [b, T], decoder inputs = targets shifted."""
     g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(2, cfg.vocab_size, (batch_size, input_len), generator=g)
-    targets = torch.randint(2, cfg.vocab_size, (batch_size, target_len), generator=g)
+    input_ids = torch.randint(2, cfg.vocab_size, (batch_size, input_length), generator=g)
+    targets = torch.randint(2, cfg.vocab_size, (batch_size, target_length), generator=g)
     start = torch.full((batch_size, 1), cfg.decoder_start_token_id)
     decoder_input_ids = torch.cat([start, targets[:, :-1]], 1)
     return input_ids.to(device), decoder_input_ids.to(device), targets.to(device)
@@ -172,7 +170,7 @@ class PeakMemory:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup, steps, seed, memory=None,
+def train_run(impl, name, cfg, device, batch_size, input_length, target_length, warmup, steps, seed, memory=None,
               dtype="float32", compile=False):
     """Build, then time `steps` training steps after `warmup` (dtype bfloat16: under bf16 autocast, fp32 weights;
     compile: the forward and backward through build.compiled, compiled during warm-up); returns a dict of
@@ -187,7 +185,7 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
     if compile:
         torch._dynamo.reset()  # a fresh compile per model (--in-process: no recompile limit across configurations)
     forward = build.compiled(model) if compile else model
-    input_ids, decoder_input_ids, targets = random_batch(cfg, batch_size, input_len, target_len, seed, device)
+    input_ids, decoder_input_ids, targets = random_batch(cfg, batch_size, input_length, target_length, seed, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     bench_flops.synchronize(device)
     if memory is not None:
@@ -229,15 +227,15 @@ def train_run(impl, name, cfg, device, batch_size, input_len, target_len, warmup
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def random_items(cfg, n, input_len, target_len, seed):
-    """n random rank-classification items: inputs of input_len/2..input_len tokens, NUM_CHOICES choices of
-    1..target_len/8 tokens plus EOS (short answers, as in most of T0's held-out tasks)."""
+def random_items(cfg, n, input_length, target_length, seed):
+    """n random rank-classification items: inputs of input_length/2..input_length tokens, NUM_CHOICES choices of
+    1..target_length/8 tokens plus EOS (short answers, as in most of T0's held-out tasks)."""
     g = torch.Generator().manual_seed(seed)
     def ids(lo, hi):
         return torch.randint(2, cfg.vocab_size, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
                              generator=g).tolist()
-    inputs = [ids(max(1, input_len // 2), input_len) for _ in range(n)]
-    choices = [[ids(1, max(1, target_len // 8)) + [cfg.eos_token_id] for _ in range(NUM_CHOICES)] for _ in range(n)]
+    inputs = [ids(max(1, input_length // 2), input_length) for _ in range(n)]
+    choices = [[ids(1, max(1, target_length // 8)) + [cfg.eos_token_id] for _ in range(NUM_CHOICES)] for _ in range(n)]
     return inputs, choices
 
 
@@ -269,11 +267,11 @@ def score_naive(model, inputs, choices, batch_size, device):
     return out
 
 
-def eval_run(cfg, device, batch_size, examples, input_len, target_len, steps, seed, dtype="float32"):
+def eval_run(cfg, device, batch_size, examples, input_length, target_length, steps, seed, dtype="float32"):
     """Median wall time of scoring `examples` items, one encoder pass per example vs one forward per choice."""
     torch.manual_seed(seed)
     model = t5.T5(cfg).to(device).eval()
-    inputs, choices = random_items(cfg, examples, input_len, target_len, seed)
+    inputs, choices = random_items(cfg, examples, input_length, target_length, seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     runs = {"one_pass": lambda: evaluate.score_choices(model, inputs, choices, batch_size=batch_size, device=device),
             "naive": lambda: score_naive(model, inputs, choices, batch_size * NUM_CHOICES, device)}
@@ -299,16 +297,16 @@ def run_spec(spec, in_process=False):
     """Measure one configuration (a dict: kind, impl, name, sizes...) in this process; returns its JSON record."""
     torch.set_num_threads(spec["threads"])
     device = build.resolve_device(spec["device"])
-    cfg = t5.T5Config.preset(spec["preset"])
-    sizes = {k: spec[k] for k in ("batch_size", "input_len", "target_len")}
+    cfg = t5.T5Config.preset(spec["model"])
+    sizes = {k: spec[k] for k in ("batch_size", "input_length", "target_length")}
     t0 = time.perf_counter()
     dtype = spec.get("dtype", "float32")
     if spec["kind"] == "peak":
         best, times = bench_flops.matmul_peak(getattr(torch, dtype), device, n=spec.get("peak_n", 2048))
         measured = {"peak_flops_per_s": best, "times": times, "spread": max(times) / min(times)}
     elif spec["kind"] == "eval":
-        measured = eval_run(cfg, device, spec["batch_size"], spec["eval_examples"], spec["input_len"],
-                            spec["target_len"], spec["steps"], spec["seed"], dtype)
+        measured = eval_run(cfg, device, spec["batch_size"], spec["eval_examples"], spec["input_length"],
+                            spec["target_length"], spec["steps"], spec["seed"], dtype)
     else:
         # prime on `tiny`: lazy imports, kernels and thread pools load here, not inside the measurement
         train_run(spec["impl"], spec["name"], t5.T5Config.preset("tiny"), device, 2, 8, 4, 0, 1, spec["seed"],
@@ -317,8 +315,8 @@ def run_spec(spec, in_process=False):
         measured = train_run(spec["impl"], spec["name"], cfg, device, warmup=spec["warmup"], steps=spec["steps"],
                              seed=spec["seed"], memory=memory, dtype=dtype, compile=spec.get("compile", False),
                              **sizes)
-        measured["tokens_per_s"] = spec["batch_size"] * (spec["input_len"] + spec["target_len"]) / measured["step_s"]
-        method, experts = CONFIGS[spec["name"]]  # the peer's model is the same model: the same FLOPs
+        measured["tokens_per_s"] = spec["batch_size"] * (spec["input_length"] + spec["target_length"]) / measured["step_s"]
+        method, experts = parse_run_name(spec["name"])  # the peer's model is the same model: the same FLOPs
         measured["model_flops"] = bench_flops.train_step_flops(cfg, method, experts, RANK, **sizes)["total"]
         measured["model_flops_per_s"] = measured["model_flops"] / measured["step_s"]
         measured["mem_method"] = memory.method

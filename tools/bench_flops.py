@@ -37,9 +37,9 @@ class _Count:
         self.backward += flops * (int(a_grad) + int(b_grad))
 
 
-def train_step_flops(cfg, method, experts, rank, batch_size, input_len, target_len):
+def train_step_flops(cfg, method, experts, rank, batch_size, input_length, target_length):
     """{"forward", "backward", "total"} matmul FLOPs of one training step of t5.T5(cfg) with `method`'s adapters
-    (build.METHODS; experts for mov / molora, rank for lora / molora) on [batch, input_len] -> [batch, target_len]."""
+    (build.METHODS; experts for mov / molora, rank for lora / molora) on [batch, input_length] -> [batch, target_length]."""
     c, full = _Count(), method == "full"
     inner, heads, d_kv, d, d_ff = cfg.num_heads * cfg.d_kv, cfg.num_heads, cfg.d_kv, cfg.d_model, cfg.d_ff
     lora_sites = molora.TARGETS if method in ("lora", "molora") else ()
@@ -86,7 +86,7 @@ def train_step_flops(cfg, method, experts, rank, batch_size, input_len, target_l
         out = linear(n, d_ff, d, h, "wo")
         return x_grad or out
 
-    b, L, T = batch_size, input_len, target_len
+    b, L, T = batch_size, input_length, target_length
     x = full  # the embedding trains only in full fine-tuning
     for _ in range(cfg.num_layers):
         x = ffn(b * L, attention(b, L, L, x, x))

@@ -30,11 +30,10 @@ import json
 import os
 import re
 import shutil
-import types
 
 import torch
 
-import build
+from runner.settings import LORA, METHODS, ROUTED
 
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -43,9 +42,8 @@ CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE)
 LOG_FILE = "log.jsonl"
 # The settings that make a checkpoint belong to a run, each with the methods whose tensors it shapes (--experts
 # means nothing to ia3, --rank nothing to mov): another value of one that applies refuses to resume.
-_ROUTED, _LORA = ("mov", "molora"), ("lora", "molora")
-IDENTITY = {"method": build.METHODS, "model": build.METHODS, "experts": _ROUTED, "top_k": _ROUTED,
-            "router_input": _ROUTED, "router_bias": _ROUTED, "rank": _LORA, "alpha": _LORA}
+IDENTITY = {"method": METHODS, "model": METHODS, "experts": ROUTED, "top_k": ROUTED, "router_input": ROUTED,
+            "router_bias": ROUTED, "rank": LORA, "alpha": LORA}
 _ADDED_LATER = {"router_bias": False}  # identity settings that older run directories do not record
 _TEMP = re.compile(r"\.(tmp|trash)-.*|.*\.tmp-\d+")
 
@@ -120,11 +118,10 @@ def read_config(run_dir):
     return saved
 
 
-def check_same_run(settings, run_dir, log=print):
-    """Refuse a run directory that holds another method, expert count or model (settings: a dict), or whose
-    newest readable checkpoint trained on another mixture than settings["data"] gives. A missing, empty or
-    damaged config.json (rewritten after the checks) is stood in for by the settings the newest readable
-    checkpoint's state.json keeps."""
+def check_same_run(settings, run_dir):
+    """Refuse a run directory that holds another method, expert count or model (settings: a dict); return the
+    settings it holds (None for a new run). A missing, empty or damaged config.json (rewritten after the checks) is
+    stood in for by the settings the newest readable checkpoint's state.json keeps."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"--out {run_dir} is a file; pass a directory (new, or a run's to resume it)")
     try:
@@ -138,19 +135,24 @@ def check_same_run(settings, run_dir, log=print):
         except (OSError, RunDirError, AttributeError):
             continue
     if not isinstance(saved, dict):
-        return  # a new run, or one whose settings nothing kept: resume() checks the tensors themselves
+        return None  # a new run, or one whose settings nothing kept: resume() checks the tensors themselves
     diff = [f"{k}: saved {saved.get(k, _ADDED_LATER.get(k))!r}, asked {settings.get(k)!r}" for k in IDENTITY
             if settings.get("method") in IDENTITY[k] and saved.get(k, _ADDED_LATER.get(k)) != settings.get(k)]
     if diff:
         raise RunDirError(f"run directory {run_dir} holds another run ({'; '.join(diff)}). Use another --out, or "
                           "the saved settings to resume it")
-    for _, path in reversed(checkpoints(run_dir) if "data" in settings else []):  # the mixture: data.py decides
+    return saved
+
+
+def trained_tasks(run_dir):
+    """The training tasks the newest readable checkpoint's data position lists (None without one): what a resumed
+    run's --data must give again (data.check_same_mixture decides)."""
+    for _, path in reversed(checkpoints(run_dir)):
         try:
-            trained = read_json(os.path.join(path, STATE_FILE), "checkpoint's state")["data"]["tasks"]
+            return read_json(os.path.join(path, STATE_FILE), "checkpoint's state")["data"]["tasks"]
         except (OSError, RunDirError, KeyError, TypeError):
             continue
-        import data
-        return data.check_same_mixture(trained, saved.get("data"), settings["data"], run_dir, log)
+    return None
 
 
 def write_config(run_dir, settings):
@@ -309,44 +311,6 @@ def resume(run_dir, model, optimizer, load_data_state, log=print):
                           f"{os.path.join(run_dir, 'checkpoints')} and log.jsonl away; to keep a damaged one, "
                           "restore its files from a backup")
     return 0
-
-
-_SETTING_TYPES = {"method": str, "experts": int, "rank": int, "alpha": (int, float), "top_k": (int, type(None)),
-                  "router_input": str, "model": str, "dropout": (int, float), "seed": int}
-
-
-def load_run(run_dir, step=None, device="cpu", log=print):
-    """(model in eval mode, settings, step) of a training run: its backbone and the adapters of its newest loadable
-    checkpoint (or of `step`). settings: a namespace of config.json's fields."""
-    saved = read_config(run_dir)
-    missing = [k for k in build.SETTINGS if k not in saved]
-    if missing:
-        raise RunDirError(f"{os.path.join(run_dir, 'config.json')} lacks {missing}; it was not written by this "
-                          "train.py. Pass --model and --adapter instead of --run")
-    wrong = [f"{k}={saved[k]!r}" for k in build.SETTINGS
-             if isinstance(saved[k], bool) or not isinstance(saved[k], _SETTING_TYPES.get(k, object))]
-    if wrong or saved["method"] not in build.METHODS:
-        raise RunDirError(f"{os.path.join(run_dir, 'config.json')} holds impossible settings "
-                          f"({', '.join(wrong) or 'method=' + repr(saved['method'])}); restore the file, or pass "
-                          "--model and --adapter instead of --run")
-    settings = types.SimpleNamespace(**saved)  # keys this train.py does not know are carried along, unused
-    found = dict(checkpoints(run_dir))
-    if not found:
-        raise RunDirError(f"run directory {run_dir} has no checkpoint yet (checkpoints/step_*); train first")
-    if step is not None and step not in found:
-        raise RunDirError(f"run directory {run_dir} has no checkpoint of step {step}; it has {sorted(found)}")
-    model = build.build_model(settings, torch.device("cpu"))
-    for s in [step] if step is not None else sorted(found, reverse=True):
-        path = os.path.join(found[s], TRAINABLE_FILE)
-        try:
-            load_trainable(model, path)
-        except RunDirError as e:
-            if step is not None:
-                raise
-            log(f"skipping checkpoint {found[s]}: {e}")
-            continue
-        return model.to(device).eval(), settings, s
-    raise RunDirError(f"no checkpoint of {run_dir} loads (see above); evaluate one with --step, or retrain")
 
 
 # ----------------------------------------------------------------------------------------------- log

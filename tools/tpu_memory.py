@@ -1,7 +1,7 @@
 """Bytes per chip of one training step on a TPU v4 slice, for each T5 size, method and mesh that sharding.py builds:
 which `train.py --fsdp` / `--remat` fit, before a TPU is rented.
 
-    python tpu_memory.py --chips 16                          # markdown: the mesh to use per size and method
+    python -m tools.tpu_memory --chips 16                    # markdown: the mesh to use per size and method
     tpu_memory.memory_per_chip("xl", "mov", experts=30, data=16, fsdp=1, remat=True)     # {part: bytes}
     tpu_memory.recommend("xxl", "mov", chips=16, experts=30)                            # (data, fsdp, remat, parts)
 
@@ -15,13 +15,14 @@ import argparse
 import functools
 import math
 import re
-import types
 
 import torch
 
-import build
+import adafactor
 import sharding
 import t5
+from runner import build
+from runner.settings import Config, ModelSettings, parse_run_name, run_name
 
 # Model of the bytes one chip holds at the peak of a training step (an estimate: XLA's fusion, rematerialisation
 # and scheduling move the activation figure by tens of percent either way):
@@ -59,8 +60,7 @@ HEADROOM = 0.75  # 25% for XLA temporaries, fragmentation, the program, and this
 @functools.lru_cache(maxsize=None)
 def _meta_model(size, method, experts, rank):
     """T5 of preset `size` with `method`'s adapters on the meta device (shapes only, no memory); cached."""
-    settings = types.SimpleNamespace(method=method, experts=experts, rank=rank, alpha=16, top_k=None,
-                                     router_input="token")
+    settings = ModelSettings(method=method, experts=experts, rank=rank)
     with torch.device("meta"):
         return build.add_adapters(t5.T5(t5.T5Config.preset(size)), settings)
 
@@ -74,12 +74,12 @@ def _local_numel(shape, spec, axis_size):
     return n
 
 
-def _adafactor_numel(shape, min_dim=128):
-    """Elements of Adafactor's second-moment state for a tensor of `shape` (T5X's factoring rule)."""
-    dims = sorted(shape)
-    if len(shape) >= 2 and dims[-2] >= min_dim:
-        return math.prod(shape) // dims[-1] + math.prod(shape) // dims[-2]
-    return math.prod(shape)
+def _adafactor_numel(shape):
+    """Elements of Adafactor's second-moment state for a tensor of `shape` (adafactor.factored_dims: T5X's rule)."""
+    factored = adafactor.factored_dims(shape, 128)
+    if factored is None:
+        return math.prod(shape)
+    return math.prod(shape) // shape[factored[1]] + math.prod(shape) // shape[factored[0]]
 
 
 def activation_bytes_per_row(config, method, experts=30, rank=4, input_length=1024, target_length=256,
@@ -175,7 +175,7 @@ def memory_table(methods=(("mov", 30),), sizes=("small", "base", "large", "xl", 
              "activations | total |", "|---|---|---|---|---|---|---|---|---|---|"]
     for size in sizes:
         for method, experts in methods:
-            label = build.run_name(method, experts)
+            label = run_name(method, experts)
             rec = recommend(size, method, chips, experts=experts, **kw)
             if rec is None:
                 lines.append(f"| {size} | {label} | | does not fit on {chips} chips | | | | | | |")
@@ -199,24 +199,22 @@ def memory_table(methods=(("mov", 30),), sizes=("small", "base", "large", "xl", 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Bytes per chip of a training step on a TPU v4 mesh (tpu_memory.py); "
-                                            "prints the memory table (markdown).")
+    p = argparse.ArgumentParser(description="Bytes per chip of a training step on a TPU v4 mesh "
+                                            "(python -m tools.tpu_memory); prints the memory table (markdown).")
     p.add_argument("--chips", type=int, default=16, help="chips in the slice (v4-32 = 16 chips)")
-    p.add_argument("--methods", default="mov:30,molora:15,ia3,lora,full",
-                   help="comma-separated method[:experts]; the first one also gets the fsdp grid")
+    p.add_argument("--methods", default="mov-30,molora-15,ia3,lora,full",
+                   help="comma-separated configurations as train.py names runs (mov-30, ia3, ...); the first one "
+                        "also gets the fsdp grid")
     p.add_argument("--weights", choices=("fp32", "bf16"), default="fp32", help="dtype of the frozen weights")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--input-length", type=int, default=1024)
-    p.add_argument("--target-length", type=int, default=256)
+    Config.add_flags(p, only=("batch_size", "input_length", "target_length"))
     args = p.parse_args(argv)
-    methods = []
-    for item in args.methods.split(","):
-        name, _, experts = item.partition(":")
-        if name not in sharding.ADAPTER_TABLES:
-            p.error(f"unknown method {name!r} in --methods; expected one of {sorted(sharding.ADAPTER_TABLES)}")
-        methods.append((name, int(experts) if experts else 1))
+    try:
+        methods = [parse_run_name(item.strip()) for item in args.methods.split(",")]
+    except ValueError as e:
+        p.error(f"--methods: {e}")
+    methods = [(method, experts or 1) for method, experts in methods]
     print(memory_table(tuple(methods), chips=args.chips, weight_bytes=4 if args.weights == "fp32" else 2,
-                       batch=args.batch, input_length=args.input_length, target_length=args.target_length))
+                       batch=args.batch_size, input_length=args.input_length, target_length=args.target_length))
 
 
 if __name__ == "__main__":

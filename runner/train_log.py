@@ -1,7 +1,7 @@
 """What a training run shows while it runs: log.jsonl and the progress bar, and the signals that end it cleanly.
 
 T5X writes its training summaries every `log_every_steps` (the original's `scripts/*_train.sh`); here each logged
-step is one JSON line in the run directory (rundir.py's log.jsonl): step, loss, z_loss, lr, tokens_per_s,
+step is one JSON line in the run directory (runner/rundir.py's log.jsonl): step, loss, z_loss, lr, tokens_per_s,
 examples_seen, and for mov / molora the routing health of routing.Monitor (router_entropy, expert_load_max,
 load_balance_loss). A non-finite loss stops the run before its next checkpoint.
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-import rundir
+from runner import rundir
 
 
 class StepLog:
