@@ -53,13 +53,15 @@ Also: fp32 state for bf16 parameters ([HF] too; [torch] keeps it in the gradient
 ([torch] calls `.item()` and [HF] compares a tensor RMS in Python for every parameter, so a traced step breaks
 into many graphs).
 
-Factoring of tensors of rank > 2 in the original: T5X factors them only through logical-axis rules; the original
-maps its 'expert', 'rank' and 'unmodeled' axes to NONE (`src/adafactor_custom.py`) and T5X's `set_param_axes`
-then marks any tensor lacking a ROW or a COLUMN axis wholly unfactored, so every MoV/MoLORA tensor of the
-original has a full second moment; its rank <= 2 tensors (routers, LoRA matrices) fall back to the size rule.
-This plain optimizer sees no axis names and applies the size rule to every rank: a 3-D tensor factors over its two
-largest dims, the other dims kept in both v_row and v_col. For this project's adapters the answer is the same:
-MoV [E, d_ff] and routers [d, E] have E < 128; attention MoV [H, E, d_kv] has every dim < 128 in every T5 size
+Factoring in the original: T5X factors a tensor of rank <= 2 by the size rule whatever its axis names
+(t5x/adafactor.py `_parse_rule` falls back to the heuristic there), and a tensor of rank > 2 by logical-axis rules:
+the original maps its 'expert', 'rank' and 'unmodeled' axes to NONE (`src/adafactor_custom.py`), and T5X's
+`set_param_axes` marks a tensor lacking a ROW or a COLUMN axis wholly unfactored. So MoV's FFN vectors [E, d_ff] and
+the routers [d, E] follow the size rule there too (factored once E >= 128), while MoV's attention vectors
+[H, E, d_kv] and MoLORA's [E, d_in, r] / [E, r, d_out] always keep a full second moment. This plain optimizer sees
+no axis names and applies the size rule to every rank: a 3-D tensor factors over its two largest dims, the other
+dims kept in both v_row and v_col. For this project's adapters the answer is the same at the paper's sizes: MoV
+[E, d_ff] and routers [d, E] have E < 128; attention MoV [H, E, d_kv] has every dim < 128 in every T5 size
 (H <= 64, d_kv = 64); a MoLORA tensor [E, in, r] has second largest dim max(E, r) < 128 (rank 4). The T5
 matrices that the full fine-tuning baseline trains ([out, in] here, Flax [in, out] or [embed, heads, kv] there)
 get the same estimate: the rank-1 estimate is symmetric in rows and columns.
@@ -68,8 +70,10 @@ Deliberate deviations from T5X (the option that restores T5X in brackets):
 1. `step_offset` counts where T5X's counter starts; T5X's own `step_offset` is subtracted from its global step
    (meant to reset the decay when fine-tuning). T5X with global step S0 at start and step_offset k equals ours
    with step_offset = S0 - k. [step_offset = S0 - k]
-2. Rank > 2 tensors follow the size rule, not logical-axis rules (above). With >= 128 experts the original would
-   not factor [E, d_ff]; [put those tensors in a param group with min_dim_size_to_factor=2**62].
+2. Rank > 2 tensors follow the size rule, not logical-axis rules (above). With 128 or more experts this one would
+   factor MoLORA's [E, d_in, r] and [E, r, d_out] (MoV's [H, E, d_kv] only if H or d_kv also reached 128), which
+   the original leaves unfactored; 2-D tensors such as MoV's [E, d_ff] are factored by both. [put those tensors in a param group with
+   min_dim_size_to_factor=2**62]
 3. The step counter is per parameter (torch convention) and a parameter whose .grad is None is skipped; T5X
    updates every parameter every step, a zero gradient still decaying its state. [zero_grad(set_to_none=False)]
 4. mix is computed as (t + 1)^-decay_rate, not as 1 - (1 - (t + 1)^-decay_rate): the same number, but without

@@ -287,7 +287,7 @@ def add_model_flags(p):
                    "(default: none, the backbone alone)")
     ModelSettings.add_flags(p.add_argument_group("with --adapter, the adapters' settings (as train.py's)"),
                             only=ADAPTER_FLAGS)
-    Config.add_flags(p, only=("device", "dtype"))
+    Config.add_flags(p, only=("device", "dtype", "threads"))
 
 
 def check_model_flags(args):
@@ -345,7 +345,7 @@ def parse_args(argv=None):
                    "DenseReluDense.act)")
     args = p.parse_args(argv)
     check_model_flags(args)
-    positive(args, ("step", "batch_size", "input_length", "target_length", "max_examples"))
+    positive(args, ("step", "threads", "batch_size", "input_length", "target_length", "max_examples"))
     if args.routing_sites is not None and not args.routing:
         raise ValueError("--routing-sites needs --routing")
     return args
@@ -390,7 +390,8 @@ def main(argv=None):
     sites = ()
     if args.routing:
         sites = tuple(args.routing_sites.split(",")) if args.routing_sites else routing.default_sites(model)
-    autocast = build.autocast_enabled(args.dtype, device)
+    autocast, activations = build.activations(args.dtype, device)
+    print(activations + build.use_cpu_threads(model, device, args.threads), file=sys.stderr)
     out = args.out or args.run or os.path.join("runs", "eval_" + os.path.basename(os.path.normpath(args.model)))
     name = report.output_name(args.max_examples)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):

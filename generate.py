@@ -212,7 +212,7 @@ def parse_args(argv=None):
                    "(default: the last decoder block's FFN activation, as evaluate.py --routing)")
     args = p.parse_args(argv)
     evaluate.check_model_flags(args)
-    evaluate.positive(args, ("step", "max_new_tokens", "batch_size", "input_length"))
+    evaluate.positive(args, ("step", "threads", "max_new_tokens", "batch_size", "input_length"))
     if args.routing_sites is not None and not args.routing:
         raise ValueError("--routing-sites needs --routing")
     return args
@@ -246,6 +246,7 @@ def main(argv=None, out=None):
     tok = Tokenizer(vocab_file(args))
     device = build.resolve_device(args.device)
     model, _ = evaluate.load_model(args, device)
+    build.use_cpu_threads(model, device, args.threads)  # generate.py's stdout is the answers: no line
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the vocabulary has {tok.vocab_size} ids, the model {model.config.vocab_size}: it is not "
                          "this model's; pass --vocab with the model's spiece.model")

@@ -14,6 +14,7 @@ paper adapts (Zadouri et al. 2023, section 3; the original's `configs/*.gin` loa
 """
 import dataclasses
 import os
+import time
 
 import torch
 
@@ -67,9 +68,13 @@ def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> str:
 def activations(dtype: str, device: torch.device) -> tuple[bool, str]:
     """(bf16 autocast on?, a line saying what was picked and why) for --dtype on `device`.
 
-    auto: bf16 autocast on an accelerator (CUDA, XLA) and on a CPU with native bf16 matmuls (cpu_native_bf16),
-    float32 elsewhere. Under autocast the router softmax, the losses, RMSNorm's variance, the logits and the
-    optimizer stay float32 (mov.py, molora.py, t5.py, train.py, adafactor.py)."""
+    auto: bf16 autocast on an accelerator (CUDA, XLA), the original's precision; float32 on every CPU. On the two
+    CPUs with native bf16 matmuls we measured (an AMD EPYC with AVX512-BF16, an Intel Xeon with AMX), bf16 autocast
+    ran the demo no faster than float32 (150 steps: 11.1 s against 8.8 s on the Xeon, 12 s against 14 s on the
+    EPYC), and without native bf16 it is emulated, several times slower; larger models in bf16 on such CPUs are not
+    measured, so float32 stays the rule there too. The choice does not depend on the machine beyond its device, so
+    a command picks the same dtype wherever it runs. Under autocast the router softmax, the losses, RMSNorm's
+    variance, the logits and the optimizer stay float32 (mov.py, molora.py, t5.py, train.py, adafactor.py)."""
     if dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
     if dtype != "auto":
@@ -78,14 +83,61 @@ def activations(dtype: str, device: torch.device) -> tuple[bool, str]:
     if device.type != "cpu":
         return True, f"activations: bf16 autocast (--dtype auto on {device.type})"
     native = cpu_native_bf16()
-    if native:
-        return True, f"activations: bf16 autocast (--dtype auto: CPU with {native})"
-    return False, "activations: float32 (--dtype auto: this CPU has no native bf16 matmul, AVX512-BF16 or AMX)"
+    why = f"this CPU's {native} matmuls ran the demo no faster" if native else "this CPU emulates bf16"
+    return False, f"activations: float32 (--dtype auto on a CPU: {why}; --dtype bfloat16 forces bf16)"
 
 
 def autocast_enabled(dtype: str, device: torch.device) -> bool:
-    """Whether activations run under bf16 autocast: --dtype bfloat16, or auto where bf16 is native (activations)."""
+    """Whether activations run under bf16 autocast: --dtype bfloat16, or auto on an accelerator (activations)."""
     return activations(dtype, device)[0]
+
+
+# A model smaller than this gains little from a second thread (the demo's tiny T5: 1.2x quiet) and loses many times
+# over when another process holds a core: it runs on one (tools/threads_bench.py measures both).
+ONE_THREAD_BELOW = 10_000_000  # parameters
+
+
+def busy_cores(seconds=0.25, stat="/proc/stat"):
+    """How many cores other processes keep busy now: the machine's non-idle CPU time over `seconds`, in cores
+    (rounded; 0 where /proc/stat does not exist). This process sleeps while it samples."""
+    def read():
+        with open(stat) as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+    if not os.path.exists(stat):
+        return 0
+    (total0, idle0), _ = read(), time.sleep(seconds)
+    total1, idle1 = read()
+    cores = os.cpu_count() or 1
+    return round(cores * (1 - (idle1 - idle0) / max(total1 - total0, 1)))
+
+
+def cpu_threads(model: torch.nn.Module, threads=None) -> tuple[int, str]:
+    """(threads, a line saying why) for training or scoring `model` on the CPU: --threads, else OMP_NUM_THREADS,
+    else one thread for a model under ONE_THREAD_BELOW parameters, else the cores this process may use that no
+    other process is busy on at the start (at least one). Torch's default, one thread per core, slows a step many
+    times over when another process holds one of them: every parallel region waits at its barrier for the thread
+    that shares a core."""
+    if threads is not None:
+        return threads, f"threads: {threads} (--threads)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS)"
+    params = sum(p.numel() for p in model.parameters())
+    if params < ONE_THREAD_BELOW:
+        return 1, f"threads: 1 (a model of {params / 1e6:.1f}M parameters gains little from more; --threads N)"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = min(busy_cores(), usable - 1)
+    why = f"{usable} cores, {busy} busy with other work" if busy else f"{usable} cores"
+    return usable - busy, f"threads: {usable - busy} ({why}; --threads N)"
+
+
+def use_cpu_threads(model: torch.nn.Module, device: torch.device, threads=None) -> str:
+    """On the CPU, set torch's thread count by `cpu_threads` and return its line (", threads: ..."); "" elsewhere."""
+    if device.type != "cpu":
+        return ""
+    n, line = cpu_threads(model, threads)
+    torch.set_num_threads(n)
+    return "; " + line
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:

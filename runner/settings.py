@@ -35,7 +35,8 @@ def setting(default, help, choices=None):
 class ModelSettings:
     """What a model is built from (runner/build.py): the backbone, the method and its adapters' shapes and options."""
     # configs/mov.gin and mov_eval.gin release 30 experts, molora.gin 10; the paper's Table 1 has MoV-10, MoV-30 and
-    # MoLORA-15: the default is the smaller MoV of the table (--experts 30 for the released config)
+    # MoLORA-15. The default is MoV-10, the paper's smallest mixture and the base of its routing ablations (top-k,
+    # sentence routing); --experts 30 is the released configs/mov.gin and the paper's best MoV row.
     method: str = setting("mov", "mov (mixture of (IA)3 vectors), molora (mixture of LoRA), ia3, lora, or full "
                                  "fine-tuning", METHODS)
     experts: int = setting(10, "number of experts for mov / molora")
@@ -48,8 +49,8 @@ class ModelSettings:
     router_bias: bool = setting(False, "a zero-initialised trainable bias on the router logits (use_bias)")
     router_input: str = setting("token", "token: the router reads the activation it rescales; sentence: one "
                                          "embedding per example (an ablation)", ("token", "sentence"))
-    model: str = setting("xl", "tiny (random, offline), small..xxl (google/t5-<size>-lm-adapt), a directory or a "
-                               "hub name")
+    model: str = setting("xl", "tiny (random, offline), small..xxl (google/t5-<size>-lm-adapt; xl: the paper's "
+                               "T5-3B, large: the released scripts'), a directory or a hub name")
     dropout: float = setting(0.1, "dropout rate of the backbone in training")
     dropout_mask: str = setting("broadcast", "broadcast: T5X's masks shared along the length; elementwise: HF's",
                                 ("broadcast", "elementwise"))
@@ -133,6 +134,8 @@ class Config(ModelSettings):
                                  "fp32), float32 or bfloat16", ("auto", "float32", "bfloat16"))
     device: str = setting("auto", "auto (TPU through torch-xla, then CUDA, then CPU), cpu, cuda or xla",
                           ("auto", "cpu", "cuda", "xla"))
+    threads: Optional[int] = setting(None, "CPU threads (default: 1 for a model under 10M parameters, else the cores "
+                                           "no other process is busy on at the start; OMP_NUM_THREADS also sets it)")
     fsdp: int = setting(1, "XLA SPMD: devices along the axis that shards the frozen weights (the rest is data "
                            "parallel)")
     remat: bool = setting(False, "recompute each T5 block in the backward instead of keeping its activations")
@@ -141,7 +144,8 @@ class Config(ModelSettings):
     # the run
     out: str = setting("", "run directory; re-running with it resumes (default runs/[<preset>-]<method>[-<experts>])")
     save_every: int = setting(10_000, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
-    keep: int = setting(3, "keep the newest N checkpoints")
+    keep: int = setting(3, "keep the newest N checkpoints (the original keeps 60; a full fine-tune's checkpoint of "
+                           "T5-xl is about 12 GB)")
     log_every: int = setting(100, "write a log line and refresh the progress bar every N steps")
     evaluate: bool = setting(False, "after training, run the held-out rank-classification evaluation (evaluate.py)")
     eval_max_examples: Optional[int] = setting(None, "with --evaluate: at most this many examples per template")
@@ -166,10 +170,10 @@ class Config(ModelSettings):
             raise ValueError("--compile applies to steps without --remat; drop --compile or --remat")
 
 
-POSITIVE = ("experts", "rank", "steps", "batch_size", "grad_accum", "input_length", "target_length", "fsdp",
+POSITIVE = ("experts", "rank", "steps", "batch_size", "grad_accum", "input_length", "target_length", "fsdp", "threads",
             "save_every", "keep", "log_every", "eval_max_examples")
 # What a run directory's config.json records beside the settings: resolved at the start of the run.
-RESOLVED = ("activations", "world_size")
+RESOLVED = ("activations", "world_size", "cpu_threads")
 MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(ModelSettings))
 
 

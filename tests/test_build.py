@@ -12,6 +12,7 @@ from torch import nn
 import molora
 import t5
 import train
+from conftest import demo_args
 from runner import build
 from runner.settings import ModelSettings
 
@@ -29,31 +30,67 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
 
 
 @pytest.mark.parametrize("native", ["AVX512-BF16", "AMX-BF16", ""])
-def test_auto_is_bf16_on_a_cpu_exactly_when_native(monkeypatch, native):
-    """--dtype auto on the CPU autocasts to bf16 iff the detection finds native bf16 (and says which); explicit
-    dtypes are obeyed either way; a GPU or TPU device is bf16 under auto."""
+def test_auto_is_float32_on_every_cpu(monkeypatch, native):
+    """--dtype auto on the CPU is float32 whether or not the detection finds native bf16 (and the line says which
+    case it is); explicit dtypes are obeyed either way; a GPU or TPU device is bf16 under auto."""
     monkeypatch.setattr(build, "cpu_native_bf16", lambda: native)
     on, line = build.activations("auto", CPU)
-    assert on is bool(native)
-    assert (f"bf16 autocast (--dtype auto: CPU with {native})" if native else "float32") in line
-    assert build.autocast_enabled("auto", CPU) is bool(native)
+    assert on is False and line.startswith("activations: float32 (--dtype auto on a CPU")
+    assert (native in line) if native else ("emulates bf16" in line)
+    assert build.autocast_enabled("auto", CPU) is False
     assert build.activations("float32", CPU)[0] is False and build.activations("bfloat16", CPU)[0] is True
     assert build.activations("auto", torch.device("cuda"))[0] is True
     with pytest.raises(ValueError, match="--dtype must be"):
         build.activations("float16", CPU)
 
 
-def test_training_says_and_records_the_resolved_dtype(tmp_path, monkeypatch, capsys):
-    """A --dtype auto run on a CPU detected as AMX-BF16 prints the bf16 line first and writes activations=bfloat16
-    (next to dtype=auto) in config.json."""
-    monkeypatch.setattr(build, "cpu_native_bf16", lambda: "AMX-BF16")
-    cfg, _ = train.parse_args(["--preset", "demo", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
-                               "--input-length", "32", "--target-length", "8", "--no-evaluate", "--device", "cpu"])
+@pytest.mark.parametrize("native", ["AMX-BF16", ""])
+def test_training_says_and_records_the_resolved_dtype_and_threads(tmp_path, monkeypatch, capsys, native):
+    """A --dtype auto demo run, on a CPU detected with and without native bf16, prints float32 and its thread count
+    first and writes activations=float32 and cpu_threads=1 (the tiny model) next to dtype=auto in config.json."""
+    monkeypatch.setattr(build, "cpu_native_bf16", lambda: native)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg, _ = train.parse_args(demo_args(tmp_path / "run", "--steps", "1", "--dtype", "auto"))
     assert cfg.dtype == "auto"
     train.main(cfg)
-    assert "activations: bf16 autocast (--dtype auto: CPU with AMX-BF16)" in capsys.readouterr().out
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("activations: float32 (--dtype auto on a CPU") and "threads: 1 (a model of" in first
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["dtype"] == "auto" and saved["activations"] == "bfloat16" and saved["world_size"] == 1
+    assert (saved["dtype"], saved["activations"], saved["cpu_threads"], saved["world_size"]) == ("auto", "float32",
+                                                                                              1, 1)
+
+
+def big_model():
+    """A model of 12M parameters, on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return nn.Linear(4000, 3000)
+
+
+def test_thread_rule(monkeypatch):
+    """--threads wins, then OMP_NUM_THREADS; a model under 10M parameters gets one thread; a larger one every core
+    this process may use but those other processes are busy on (at least one)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(build.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert build.cpu_threads(big_model(), 3)[0] == 3
+    assert build.cpu_threads(t5.T5(t5.T5Config.preset("tiny")))[0] == 1
+    for busy, expected in ((0, 4), (1, 3), (3, 1), (6, 1)):
+        monkeypatch.setattr(build, "busy_cores", lambda busy=busy: busy)
+        threads, line = build.cpu_threads(big_model())
+        assert threads == expected and f"threads: {expected}" in line
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert "OMP_NUM_THREADS" in build.cpu_threads(big_model())[1]
+
+
+def test_busy_cores_reads_the_machines_idle_time(tmp_path, monkeypatch):
+    """busy_cores is the non-idle share of the CPU time that passed while it slept, times the cores: 2 cores whose
+    counters advance by 200 jiffies, 100 of them idle or iowait, have one busy core."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 1000 50 0 0 0 0 0\ncpu0 50 0 50 500 25 0 0 0 0 0\n")
+    later = "cpu  160 0 140 1080 70 0 0 0 0 0\ncpu0 80 0 70 540 35 0 0 0 0 0\n"  # +200 in all, +100 idle/iowait
+    monkeypatch.setattr(build.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(build.time, "sleep", lambda s: stat.write_text(later))
+    assert build.busy_cores(stat=str(stat)) == 1
+    assert build.busy_cores(stat=str(tmp_path / "none")) == 0
 
 
 def test_molora_accepts_top_k_and_dropout_mask_reaches_the_model():
