@@ -243,10 +243,10 @@ def main(argv=None, out=None):
     """Command line entry point; returns one dict per prompt: prompt, answer, tokens (+ scores, routing)."""
     args, out = parse_args(argv), out or sys.stdout
     prompts = read_prompts(args)
-    tok = Tokenizer(vocab_file(args))
     device = build.resolve_device(args.device)
-    model, _ = evaluate.load_model(args, device)
+    model, _ = evaluate.load_model(args, device)  # first: a missing model is the first thing to fix
     build.use_cpu_threads(model, device, args.threads)  # generate.py's stdout is the answers: no line
+    tok = Tokenizer(vocab_file(args))
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the vocabulary has {tok.vocab_size} ids, the model {model.config.vocab_size}: it is not "
                          "this model's; pass --vocab with the model's spiece.model")

@@ -91,18 +91,6 @@ class Router(nn.Module):
         return f"top_k={self.top_k}"
 
 
-def mix(probs, experts):
-    """sum_e p_e v_e, the original's `einsum('...e,...ed->...d', p, v)`: probs [..., E] (FFN) or [..., H, E]
-    (attention), experts [E, d] or [H, E, d]. Written as plain matmuls, which ran about 2x faster than einsum's
-    generic path on a CPU (forward + backward): FFN [N, E] @ [E, d]; attention one matmul per head, [H, N, E] @
-    [H, E, d] -> [H, N, d]."""
-    if experts.dim() == 2:
-        return probs @ experts  # [..., d]
-    heads, lead = experts.shape[0], probs.shape[:-2]
-    p = probs.reshape(-1, heads, probs.shape[-1]).transpose(0, 1)  # [H, N, E]
-    return torch.bmm(p, experts).transpose(0, 1).reshape(*lead, heads, experts.shape[-1])  # [..., H, d]
-
-
 class MoV(nn.Module):
     """The vectors of one site: MoV with `router` (default: the paper's `Router()`), or (IA)3 when num_experts is
     None. heads=None is the FFN site (h [..., d], vectors [E, d]); heads=H an attention site (h [..., H, d],
@@ -128,8 +116,8 @@ class MoV(nn.Module):
         if self.num_experts is None:
             return h * self.ia3_scale.to(h.dtype)
         probs, _ = self.router(h, self.mov_router, self.mov_router_bias)  # [..., (H,) E] float32
-        with _fp32(h.device):
-            s = mix(probs.float(), self.mov_experts.float())  # [..., (H,) d]
+        with _fp32(h.device):  # the original's mixing: [..., (H,) E] x [(H,) E, d] -> [..., (H,) d]
+            s = torch.einsum("...e,...ed->...d", probs.float(), self.mov_experts.float())
         return h * s.to(h.dtype)
 
     def extra_repr(self):

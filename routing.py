@@ -157,6 +157,9 @@ def routed_layers(model, sites=None):
     if sites is None:
         return every
     wrong = [s for s in sites if s not in every]
+    if wrong and not every:
+        raise ValueError("this model has no routed layers ((IA)3, LoRA and full fine-tuning have no router); routing "
+                         "needs a mov or molora model")
     if wrong:
         raise ValueError(f"routing site {wrong[0]!r} is not a routed MoV/MoLORA layer of this model; routed layers "
                          f"are {list(every)[:4]}{' ...' if len(every) > 4 else ''} ({len(every)} in all)")

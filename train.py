@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 import warnings
 from typing import Optional
 
@@ -61,10 +62,14 @@ PRESETS = {
 
 def parse_args(argv=None) -> tuple[Config, str]:
     """(settings, action): action is "train", "count" (--count-params) or "print" (--print-config)."""
-    defaults = "\n".join(f"  {f.name.replace('_', '-')}: {f.default}" for f in dataclasses.fields(Config))
-    layers = "\n".join([f"  --method {m}: {', '.join(f'{k}={v}' for k, v in r.items())}" for m, r in RECIPES.items()
-                        if r] + [f"  --preset {n}: {', '.join(f'{k}={v}' for k, v in v.items()) or 'the recipe'}"
-                                 for n, v in PRESETS.items()])
+    wrap = lambda text: textwrap.fill(text, 116, initial_indent="  ", subsequent_indent="    ",  # noqa: E731
+                                      break_on_hyphens=False)
+    defaults = wrap(", ".join(f"--{f.name.replace('_', '-')} {f.default}" for f in dataclasses.fields(Config)
+                              if f.default not in (None, "", False)))
+    layers = "\n".join([wrap(f"--method {m}: {', '.join(f'{k}={v}' for k, v in r.items())}")
+                        for m, r in RECIPES.items() if r] +
+                       [wrap(f"--preset {n}: {', '.join(f'{k}={v}' for k, v in v.items()) or 'the recipe'}")
+                        for n, v in PRESETS.items()])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"defaults (the paper's recipe for the adapters):\n{defaults}\n"
@@ -187,6 +192,17 @@ def main(cfg: Config) -> dict:
     if trained is not None:  # another mixture is refused; the same tasks from elsewhere resume with a note
         data.check_same_mixture(trained, (saved or {}).get("data"), cfg.data, cfg.out, say)
 
+    # --- what the run reads, the backbone's files and the data source, both looked up before either is loaded, so
+    #     that one run of the command names every missing input
+    problems = []
+    for check in (lambda: build.model_files(cfg), lambda: data.training_tasks(cfg.data)):
+        try:
+            check()
+        except (OSError, ValueError) as e:
+            problems.append(e)
+    if problems:
+        raise problems[0] if len(problems) == 1 else OSError(". Also: ".join(str(e).rstrip(".") for e in problems))
+
     # --- model: backbone, adapters (base weights frozen), sharded over the mesh on XLA
     model = build.build_model(cfg, device if not xla else torch.device("cpu"))  # unwrapped: saved, evaluated
     say(activations + build.use_cpu_threads(model, device, cfg.threads) + distributed.describe(group))
@@ -296,7 +312,7 @@ def command(argv) -> int:
     """What the command line does: count, print the settings, or train (exit status 128 + a stopping signal)."""
     cfg, action = parse_args(argv)
     if action != "train":
-        print(build.count_params(cfg) if action == "count" else json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(build.count_params(cfg) if action == "count" else json.dumps(cfg.applicable(), indent=1))
         return 0
     result = main(cfg)
     return 128 + result["signal"] if result["signal"] is not None else 0

@@ -159,6 +159,12 @@ def hub_name(model: str) -> str:
     return t5.T5Config.hub_name(model) if model in SIZES else model
 
 
+def model_files(settings):
+    """The local directory of the backbone's checkpoint (fetched from the hub when it is a hub name), or None for the
+    random tiny model; OSError / ValueError naming the model and the fix when it cannot be had."""
+    return None if settings.model == "tiny" else t5_weights.resolve(hub_name(settings.model))
+
+
 def model_config(settings) -> t5.T5Config:
     """The backbone's T5Config without loading weights: a preset, or a directory's config.json."""
     if settings.model == "tiny" or settings.model in SIZES:

@@ -89,6 +89,18 @@ class ModelSettings:
                              "the settings as flags instead")
         return cls(**kept)
 
+    def applicable(self):
+        """The settings as a dict without those the method does not use (experts and router options outside mov /
+        molora, rank and alpha outside lora / molora, the router input outside mov)."""
+        unused = set()
+        if self.method not in ROUTED:
+            unused |= {"experts", "top_k", "router_jitter", "router_bias", "router_input", "load_balance_weight"}
+        if self.method not in LORA:
+            unused |= {"rank", "alpha"}
+        if self.method != "mov":
+            unused.add("router_input")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
+
     def validate(self):
         """Every setting checked before anything is built; ValueError names the flag and the fix."""
         for f in dataclasses.fields(self):

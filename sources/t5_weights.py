@@ -25,7 +25,7 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     """A t5.T5 with the checkpoint's weights, in eval mode.
     Tying is decided by the files (is there an `lm_head.weight`?): transformers 5.x writes tie_word_embeddings=True
     even for the untied v1.1."""
-    path = _resolve(name_or_path)
+    path = resolve(name_or_path)
     shards = {f: _open_weights(os.path.join(path, f)) for f in _weight_files(path)}  # headers only
     found = {k: (f, shape) for f, (shapes, _) in shards.items() for k, shape in shapes.items() if k not in _ALIASES}
     try:
@@ -115,7 +115,7 @@ def read_config(path_or_dict):
     return t5.T5Config(**kw)
 
 
-def _resolve(name_or_path):
+def resolve(name_or_path):
     """A local directory as is; else a hub name fetched with huggingface_hub (safetensors, else .bin files)."""
     if os.path.isdir(name_or_path):
         return name_or_path

@@ -1,4 +1,4 @@
-"""P3 and the model read from the Hugging Face hub (sources/hub.py, sources.p3.Source, sources.t5_weights._resolve), against the
+"""P3 and the model read from the Hugging Face hub (sources/hub.py, sources.p3.Source, sources.t5_weights.resolve), against the
 local hub emulator (tests/hub_emulator.py) at P3's real size: 2,085 configs, a 1.5 MB README.
 
 Every test points huggingface_hub at the emulator (`use_hub`, which also undoes CI's HF_HUB_OFFLINE=1), counts the
@@ -260,9 +260,9 @@ def test_paths_that_are_not_directories(small, tmp_path, monkeypatch, capsys):
     line = _one_error_line(capsys, ["--model", "tiny", "--data", "./data/P3", *base])
     assert "'./data/P3': no such directory" in line and "repository" not in line
     with pytest.raises(FileNotFoundError, match="'ckpt/t5': no such directory.*no model repository 'ckpt/t5'"):
-        t5_weights._resolve("ckpt/t5")
+        t5_weights.resolve("ckpt/t5")
     with pytest.raises(FileNotFoundError, match=r"'\./ckpt/t5': no such directory .*not a hub name"):
-        t5_weights._resolve("./ckpt/t5")
+        t5_weights.resolve("./ckpt/t5")
 
 
 # ----------------------------------------------------------------------------------------------- moved mirrors

@@ -245,13 +245,20 @@ RELEASED = {"mov": (32, 3e-4, 500_000, 10_000), "molora": (32, 3e-4, 500_000, 10
 def test_print_config_shows_each_methods_recipe(method, capsys):
     """`train.py --method M --print-config` prints the released recipe of M as JSON: batch, lr, steps and the
     checkpoint cadence of its configs/*.gin (ia3 / lora every 50k, mov / molora every 10k, the T0 full fine-tune of
-    configs/t0.gin every 1k at batch 256, lr 1e-3, 10k steps), LoRA rank 4, 1024/256 tokens, dropout 0.1."""
+    configs/t0.gin every 1k at batch 256, lr 1e-3, 10k steps), LoRA rank 4, 1024/256 tokens, dropout 0.1; and only
+    the settings M uses."""
     assert train.cli(["--method", method, "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert (cfg["batch_size"], cfg["lr"], cfg["steps"], cfg["save_every"]) == RELEASED[method]
-    assert (cfg["rank"], cfg["input_length"], cfg["target_length"], cfg["dropout"]) == (4, 1024, 256, 0.1)
-    assert (cfg["router_jitter"], cfg["router_bias"], cfg["load_balance_weight"], cfg["dropout_mask"]) == \
-        (0.0, False, 0.0, "broadcast")
+    assert (cfg["input_length"], cfg["target_length"], cfg["dropout"], cfg["dropout_mask"]) == \
+        (1024, 256, 0.1, "broadcast")
+    # only the settings the method uses: experts and router options for mov / molora, rank for lora / molora
+    assert ("experts" in cfg, "router_jitter" in cfg, "rank" in cfg) == \
+        (method in ("mov", "molora"), method in ("mov", "molora"), method in ("lora", "molora"))
+    if "rank" in cfg:
+        assert cfg["rank"] == 4
+    if "router_jitter" in cfg:
+        assert (cfg["router_jitter"], cfg["router_bias"], cfg["load_balance_weight"]) == (0.0, False, 0.0)
 
 
 @pytest.mark.parametrize("argv,match", [
