@@ -51,7 +51,7 @@ def vocab_file(args):
         if not os.path.isfile(path):
             raise ValueError(f"--vocab {args.vocab}: no such file; pass a T5 spiece.model (or its directory)")
         return path
-    saved = rundir.read_config(args.run) if args.run is not None else {}
+    saved = rundir.settings_at(rundir.read_config(args.run)) if args.run is not None else {}
     model, source = saved.get("model", args.model), saved.get("data")
     if not isinstance(model, str):
         raise rundir.RunDirError(f"{os.path.join(args.run, 'config.json')} names no model; it was not written by "
