@@ -139,20 +139,64 @@ class Adafactor(torch.optim.Optimizer):
                         weight_decay=weight_decay)
         super().__init__(params, defaults)
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        """Zero fp32 state for p: `v_row`/`v_col` (factored) or `v`, `m` with momentum, and `step`."""
-        fp32 = dict(dtype=torch.float32, device=p.device)
-        state = {"step": torch.zeros((), **fp32)}
-        dims = factored_dims(tuple(p.shape), group["min_dim_size_to_factor"])
+    @staticmethod
+    def state_shapes(shape: Tuple[int, ...], group: dict) -> dict:
+        """{state key: shape} of a parameter of `shape`: `step` [], `v_row`/`v_col` (factored) or `v`, `m` with
+        momentum."""
+        shapes = {"step": ()}
+        dims = factored_dims(tuple(shape), group["min_dim_size_to_factor"])
         if dims is None:
-            state["v"] = torch.zeros(p.shape, **fp32)
+            shapes["v"] = tuple(shape)
         else:
             row, col = dims
-            state["v_row"] = torch.zeros([n for i, n in enumerate(p.shape) if i != col], **fp32)
-            state["v_col"] = torch.zeros([n for i, n in enumerate(p.shape) if i != row], **fp32)
+            shapes["v_row"] = tuple(n for i, n in enumerate(shape) if i != col)
+            shapes["v_col"] = tuple(n for i, n in enumerate(shape) if i != row)
         if group["beta1"] is not None:
-            state["m"] = torch.zeros(p.shape, **fp32)
-        return state
+            shapes["m"] = tuple(shape)
+        return shapes
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        """Zero fp32 state for p (state_shapes)."""
+        return {k: torch.zeros(shape, dtype=torch.float32, device=p.device)
+                for k, shape in self.state_shapes(p.shape, group).items()}
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """ValueError naming the group, parameter and key where a saved state_dict does not fit this optimizer: the
+        groups and their sizes, the hyper-parameters that shape or drive the update (all but lr and step_offset,
+        which a resumed run sets anew), and each parameter's state: its keys and shapes (state_shapes), floating
+        point and finite. Loading one that passes cannot fail, or fail later inside step()."""
+        groups, state = (state_dict.get(k) if isinstance(state_dict, dict) else None for k in ("param_groups", "state"))
+        if not (isinstance(groups, list) and isinstance(state, dict) and len(groups) == len(self.param_groups)):
+            raise ValueError(f"the optimizer state does not hold {len(self.param_groups)} parameter group(s) and "
+                             "their state")
+        ids = set()
+        for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if not (isinstance(saved, dict) and isinstance(saved.get("params"), list) and
+                    len(saved["params"]) == len(group["params"])):
+                raise ValueError(f"optimizer parameter group {g} does not list its {len(group['params'])} parameters")
+            for key, value in group.items():
+                if key not in ("params", "lr", "step_offset") and saved.get(key) != value:
+                    raise ValueError(f"optimizer parameter group {g} has {key} {saved.get(key)!r}, this optimizer "
+                                     f"{value!r}")
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                ids.add(pid)
+                if pid not in state:
+                    continue  # not stepped yet
+                got, want = state[pid], self.state_shapes(p.shape, group)
+                if not isinstance(got, dict) or set(got) != set(want):
+                    raise ValueError(f"optimizer state of parameter {i} of group {g} {tuple(p.shape)} holds "
+                                     f"{sorted(got) if isinstance(got, dict) else type(got).__name__}, expected "
+                                     f"{sorted(want)}")
+                for key, shape in want.items():
+                    t = got[key]
+                    if not (isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) == shape):
+                        raise ValueError(f"optimizer state {key} of parameter {i} of group {g} {tuple(p.shape)} is "
+                                         f"{_describe(t)}, expected a float tensor of shape {shape}")
+                    if not bool(torch.isfinite(t).all()) or (key == "step" and float(t) < 0):
+                        raise ValueError(f"optimizer state {key} of parameter {i} of group {g} {tuple(p.shape)} "
+                                         "holds a NaN, inf or negative step")
+        if set(state) - ids:
+            raise ValueError(f"the optimizer state holds parameters its groups do not list: {sorted(set(state) - ids)}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -231,3 +275,7 @@ class Adafactor(torch.optim.Optimizer):
             if pid in saved_state:
                 self.state[p] = {k: torch.as_tensor(v).to(device=p.device, dtype=torch.float32, copy=True)
                                  for k, v in saved_state[pid].items()}
+
+
+def _describe(x) -> str:
+    return f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__

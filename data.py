@@ -58,21 +58,26 @@ def training_tasks(source, cache_dir=None):
 
 
 def check_same_mixture(trained, old, new, run_dir, log=print):
-    """Resuming a run (rundir.check_same_run): `trained`, the tasks its checkpoint's Mixture state lists, must be
-    those --data `new` gives. The same tasks elsewhere (a moved mirror, the hub instead of a copy of it) resume
-    with a note when the name changed (`old`: the run's --data); another mixture is refused, naming the difference."""
+    """Resuming a run (rundir.check_same_run): `trained`, the task lists of its checkpoints' Mixture states (newest
+    first, rundir.trained_tasks), must hold the tasks --data `new` gives: one that does is enough (a damaged
+    checkpoint's list may differ; resume skips it). The same tasks elsewhere (a moved mirror, the hub instead of a
+    copy of it) resume with a note when the name changed (`old`: the run's --data); another mixture is refused,
+    naming the difference, both --data values and how to resume."""
     now = list(training_tasks(new)[0])
-    if now == trained:
+    if now in trained:
         if old not in (None, new):
             log(f"note: resuming {run_dir} with --data {new} (it trained on --data {old}): the same {len(now)} tasks")
         return
+    trained = trained[0]
     gone, extra = [t for t in trained if t not in now], [t for t in now if t not in trained]
     shown = [f"{len(names)} {what}" + (f" (e.g. {', '.join(names[:3])})" if names else "")
              for names, what in ((gone, "of the run's missing"), (extra, "new"))]
     differ = f"{shown[0]}, {shown[1]}" if gone or extra else "the same names in another order (another table)"
-    raise ValueError(f"run directory {run_dir} trained on another mixture ({len(trained)} tasks" +
+    resume = f"pass --data {old}" if old is not None else "pass the --data it trained on"
+    raise ValueError(f"--data {new}: run directory {run_dir} trained on another mixture ({len(trained)} tasks" +
                      (f" of --data {old}" if old is not None else "") + f"); --data {new} gives {len(now)} tasks: "
-                     f"{differ}. Use another --out, or a --data holding the run's tasks to resume it")
+                     f"{differ}. To resume it, {resume} (or a --data holding its tasks); or pass another --out for "
+                     "a new run")
 
 
 def _notice(missing, what, where, notice_dir, filename):
@@ -81,11 +86,15 @@ def _notice(missing, what, where, notice_dir, filename):
     shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     full = ""
     if notice_dir:
-        os.makedirs(notice_dir, exist_ok=True)
         path = os.path.join(notice_dir, filename)
-        with open(f"{path}.tmp-{os.getpid()}", "w") as f:  # data-parallel ranks write the same file
-            f.write("".join(c + "\n" for c in missing))
-        os.replace(f"{path}.tmp-{os.getpid()}", path)
+        try:
+            os.makedirs(notice_dir, exist_ok=True)
+            with open(f"{path}.tmp-{os.getpid()}", "w") as f:  # data-parallel ranks write the same file
+                f.write("".join(c + "\n" for c in missing))
+            os.replace(f"{path}.tmp-{os.getpid()}", path)
+        except OSError as e:  # named by the file the user sees, not the temporary one
+            raise OSError(e.errno, f"cannot write {path} ({e.strerror}); make {notice_dir} writable, or pass "
+                                   "another --out") from e
         full = f"; the list: {path}"
     warnings.warn(f"{len(missing)} {what} are not in {where}, left out ({shown}){full}", stacklevel=3)
 
@@ -209,13 +218,18 @@ class Mixture:
             "stats": self.stats}))
 
     def load_state_dict(self, state):
+        """Continue from a position of state_dict. ValueError, before anything changes, for a position of another
+        Mixture or one of the wrong types or sizes (a damaged checkpoint)."""
         mine = self.state_dict()
+        if not isinstance(state, dict) or set(mine) - {"source_revision"} - set(state):
+            raise ValueError(f"checkpointed data state lacks {sorted(set(mine) - set(state or {}))}; it is damaged")
         for key in ("version", "tasks", "seed", "pack", "shuffle", "lengths", "batch_size"):
             if state[key] != mine[key]:
                 shown = (f"{len(state[key])} tasks vs {len(mine[key])}" if key == "tasks"
                          else f"{state[key]!r} vs {mine[key]!r}")
                 raise ValueError(f"checkpointed data state has a different {key} ({shown}): build the Mixture "
                                  "with the arguments of the run that saved it")
+        self._check_position(state)
         if state.get("source_revision") not in (None, self.source.revision):
             warnings.warn(f"{self.source.name} is now at commit {self.source.revision}, the checkpoint read commit "
                           f"{state['source_revision']}: rows that changed in between may be served again or skipped")
@@ -228,6 +242,38 @@ class Mixture:
         self._ready = state["ready"]
         self.stats = state["stats"]
         self._open.clear()
+
+
+    def _check_position(self, state):
+        """ValueError naming the field of a checkpointed position whose type or size this Mixture could not serve
+        from: RNG state, per-task stream positions, pending rows (within --input-length / --target-length), stats."""
+        def fail(what):
+            raise ValueError(f"checkpointed data state: {what}; it is damaged")
+
+        def count(x):
+            return type(x) is int and x >= 0
+        try:
+            type(self._rng.bit_generator)().state = state["rng"]  # a scratch generator checks the RNG state
+        except (TypeError, ValueError, KeyError) as e:
+            fail(f"its RNG state is unusable ({e})")
+        streams, packer, ready, stats = (state[k] for k in ("streams", "packer", "ready", "stats"))
+        if not isinstance(streams, dict) or not all(c in self.streams and isinstance(v, list) and len(v) == 3 and
+                                                    all(map(count, v)) for c, v in streams.items()):
+            fail("its stream positions are not [epoch, unit, row] counts of the run's tasks")
+        if not (isinstance(packer, dict) and isinstance(packer.get("row"), list) and count(packer.get("seen")) and
+                isinstance(ready, list)):
+            fail("its packer or pending rows are not lists")
+        for row in ready + [packer["row"]]:
+            if not (isinstance(row, list) and all(isinstance(x, list) and len(x) == 2 and
+                                                  all(isinstance(ids, list) and all(map(count, ids)) for ids in x)
+                                                  for x in row)):
+                fail("a pending row is not a list of [input ids, target ids]")
+            if sum(len(x[0]) for x in row) > self.input_length or sum(len(x[1]) for x in row) > self.target_length:
+                fail("a pending row is longer than the run's lengths")
+        counters = [k for k, v in self.stats.items() if type(v) is int]
+        if not (isinstance(stats, dict) and all(count(stats.get(k)) for k in counters) and
+                isinstance(stats.get("per_task"), dict) and isinstance(stats.get("epochs"), dict)):
+            fail(f"its stats lack the counts {counters}")
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

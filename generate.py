@@ -51,7 +51,7 @@ def vocab_file(args):
         if not os.path.isfile(path):
             raise ValueError(f"--vocab {args.vocab}: no such file; pass a T5 spiece.model (or its directory)")
         return path
-    saved = rundir.read_config(args.run) if args.run is not None else {}
+    saved = rundir.settings_at(rundir.read_config(args.run)) if args.run is not None else {}
     model, source = saved.get("model", args.model), saved.get("data")
     if not isinstance(model, str):
         raise rundir.RunDirError(f"{os.path.join(args.run, 'config.json')} names no model; it was not written by "
@@ -224,11 +224,21 @@ def read_prompts(args):
         raise ValueError("give prompts as arguments or --input-file, not both")
     if args.input_file is not None:
         try:
-            f = sys.stdin if args.input_file == "-" else open(args.input_file, encoding="utf-8")
+            f = sys.stdin.buffer if args.input_file == "-" else open(args.input_file, "rb")
+            with f:
+                raw = f.read()
         except OSError as e:
             raise ValueError(f"--input-file {args.input_file}: {e.strerror}; pass a text file, one prompt a line")
-        with f:  # trailing blank lines (an editor's final newline) are no prompts
-            prompts, where = f.read().rstrip("\n").splitlines(), f"--input-file {args.input_file} line"
+        where = f"--input-file {args.input_file} line"
+        prompts = []
+        for number, line in enumerate(raw.split(b"\n"), 1):  # bytes: a bad line is named by its number
+            try:
+                prompts.append(line.decode("utf-8").rstrip("\r"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where} {number} is not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                 f"{e.start + 1}); save the file as UTF-8") from None
+        while prompts and not prompts[-1]:  # trailing blank lines (an editor's final newline) are no prompts
+            prompts.pop()
     else:
         prompts, where = args.prompts, "prompt"
     if not prompts:

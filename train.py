@@ -173,8 +173,17 @@ def train_step(model, optimizer, batch: dict, cfg: Config, autocast: bool, group
 
 # ----------------------------------------------------------------------------------------------- main
 def main(cfg: Config) -> dict:
-    # --- setup: device, run directory (refuse another run's directory before writing anything)
+    """Train (or resume) the run of `cfg` in its run directory, which this process alone writes while it runs
+    (rundir.writer: a second train.py on it is refused); under torchrun rank 0 writes and holds it."""
     validate(cfg)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # distributed.setup's rank, known before the process group
+    with rundir.writer(cfg.out) if rank0 else contextlib.nullcontext():
+        return run(cfg)
+
+
+def run(cfg: Config) -> dict:
+    """main's run, once the run directory is this process's: {"step", "last" log line, "signal", "eval"}."""
+    # --- setup: device, run directory (refuse another run's directory before writing anything)
     xla = build.device_kind(cfg.device) == "xla"
     if xla:
         sharding.enable_spmd()  # before the first XLA tensor of the process
@@ -187,10 +196,15 @@ def main(cfg: Config) -> dict:
     autocast, activations = build.activations(cfg.dtype, device)
     settings = {**dataclasses.asdict(cfg), "activations": "bfloat16" if autocast else "float32",
                 "world_size": group.world_size}  # resolved, recorded; neither is part of the run's identity
-    saved = rundir.check_same_run(settings, cfg.out)  # another method, model, experts, ...: refused
+    saved = rundir.check_same_run(settings, cfg.out)  # another method, model, experts, seed, ...: refused
+    before = rundir.settings_at(saved).get("activations") if saved else None
+    if cfg.dtype == "auto" and before in ("float32", "bfloat16") and before != settings["activations"]:
+        autocast, settings["activations"] = before == "bfloat16", before  # a resumed run keeps its precision
+        activations = f"activations: {'bf16 autocast' if autocast else 'float32'} (--dtype auto: kept from {cfg.out})"
     trained = rundir.trained_tasks(cfg.out)
-    if trained is not None:  # another mixture is refused; the same tasks from elsewhere resume with a note
-        data.check_same_mixture(trained, (saved or {}).get("data"), cfg.data, cfg.out, say)
+    if trained:  # another mixture is refused; the same tasks from elsewhere resume with a note
+        data.check_same_mixture(trained, rundir.settings_at(saved)["data"] if saved else None, cfg.data, cfg.out,
+                                say)
 
     # --- what the run reads, the backbone's files and the data source, both looked up before either is loaded, so
     #     that one run of the command names every missing input
@@ -224,14 +238,27 @@ def main(cfg: Config) -> dict:
                            sentence_embedder=data.SentenceEmbedder() if cfg.router_input == "sentence" else None,
                            notice_dir=cfg.out if group.main else None)  # the table configs the source lacks
 
-    # --- resume from the newest loadable checkpoint; the settings are written only now, once all checks passed
+    # --- resume from the newest checkpoint that loads and passes the checks; the settings are written only now,
+    # once all checks passed: the first ones and every change, with the step it applies after
     if group.main:
         rundir.clear_temporaries(cfg.out)
-    step = rundir.resume(cfg.out, model, optimizer, mixture.load_state_dict, log=say)
+        rundir.set_aside_incomplete(cfg.out, log=say)
+    step, resumed = rundir.resume(cfg.out, model, optimizer, mixture.load_state_dict, log=say)
+    for param_group in optimizer.param_groups:  # the checkpoint's values give way to this command's settings
+        param_group["lr"], param_group["step_offset"] = cfg.lr, cfg.adafactor_step_offset
+    record = rundir.resumed_record(saved, settings, step)
     if group.main:
-        rundir.write_config(cfg.out, settings)
+        rundir.write_config(cfg.out, record)
+        rundir.prune(cfg.out, cfg.keep, step)  # a smaller --keep, or a kill while pruning
     if step:
-        say(f"resuming {cfg.out} from step {step}")
+        change = record["changes"][-1] if record["changes"] and record["changes"][-1]["step"] == step else None
+        was = rundir.settings_at(record, step)
+        news = "" if change is None else f"; from step {step + 1} on: " + ", ".join(
+            f"{k} {v} (was {was.get(k, 'not recorded')})" for k, v in change["settings"].items())
+        say(f"resuming {cfg.out} from step {step}{news}")
+        if step >= cfg.steps:
+            say(f"note: {cfg.out} is at step {step}" + (f", past --steps {cfg.steps}" if step > cfg.steps else "") +
+                ": nothing to train (pass a larger --steps to train on)")
     else:
         torch.manual_seed(cfg.seed + 2)  # dropout stream
 
@@ -255,11 +282,11 @@ def main(cfg: Config) -> dict:
         if xla:
             torch_xla.sync()  # run the pending step closures (log lines and their NaN check) first
         if group.main:
-            rundir.save_checkpoint(cfg.out, step, model, optimizer, mixture.state_dict(), settings, cfg.keep)
+            rundir.save_checkpoint(cfg.out, step, model, optimizer, mixture.state_dict(), record, cfg.keep)
         distributed.barrier(group)  # no process goes on (or reads it) before the checkpoint is complete
 
     # --- loop: step, log, checkpoint; SIGINT/SIGTERM end it with a checkpoint
-    log, saved = train_log.StepLog(cfg, step, xla, group.main, monitor), step
+    log, saved = train_log.StepLog(cfg, step, xla, group.main, monitor, resumed), step
     model.train()
     try:
         with train_log.stop_on_signals() as stop:

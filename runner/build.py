@@ -244,15 +244,16 @@ _REQUIRED = ("method", "experts", "rank", "alpha", "top_k", "router_input", "mod
 
 
 def load_run(run_dir, step=None, device="cpu", log=print):
-    """(model in eval mode, settings, step) of a training run: its backbone and the adapters of its newest loadable
-    checkpoint (or of `step`). settings: the run's Config, read from config.json."""
+    """(model in eval mode, settings, step) of a training run: its backbone and the adapters of its newest checkpoint
+    whose tensors pass the checks (rundir.check_trainable: names, shapes, dtypes, finite values), or of `step`.
+    settings: the run's Config in effect at that step (config.json's first settings and changes)."""
     path = os.path.join(run_dir, "config.json")
-    saved = rundir.read_config(run_dir)
-    missing = [k for k in _REQUIRED if k not in saved]
+    record = rundir.read_config(run_dir)
+    missing = [k for k in _REQUIRED if k not in record]
     if missing:
         raise rundir.RunDirError(f"{path} lacks {missing}; it was not written by this train.py. Pass --model and "
                                  "--adapter instead of --run")
-    settings = Config.from_dict(saved, where=path)
+    settings = rundir.run_settings(record)
     try:
         settings.validate()
     except ValueError as e:
@@ -272,5 +273,5 @@ def load_run(run_dir, step=None, device="cpu", log=print):
                 raise
             log(f"skipping checkpoint {found[s]}: {e}")
             continue
-        return model.to(device).eval(), settings, s
+        return model.to(device).eval(), rundir.run_settings(record, s), s
     raise rundir.RunDirError(f"no checkpoint of {run_dir} loads (see above); evaluate one with --step, or retrain")

@@ -8,8 +8,10 @@
         sys.exit(cli.run(main))
 
 Helpers raise ValueError or OSError whose message names the file or value and the fix; `run` prints it as
-`error: <message>` and returns 1. Warnings print as one `warning: <message>` line (Python would add the source line).
+`error: <message>` and returns 1. Ctrl-C at any moment prints one line and ends with status 130 (a training run
+handles it itself: runner/train_log.py), never a traceback, never status 0. Warnings print as one `warning: <message>` line (Python would add the source line).
 """
+import os
 import signal
 import sys
 import warnings
@@ -30,12 +32,32 @@ def run(main, argv=None, interrupted="error: interrupted; what was written is co
     """main(argv) with the errors a user can fix as one line: the exit status (0, 1, 130, or main's own int)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    ending = _end_on_interrupt if argv is None else lambda: None  # the process's command line, not a caller's
     try:
         status = main(sys.argv[1:] if argv is None else argv)
     except (OSError, ValueError, FloatingPointError) as err:  # bad input, unreachable or damaged files, a NaN loss
+        ending()
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        ending()
         print(interrupted, file=sys.stderr)
         return 130
+    ending()
     return status if isinstance(status, int) else 0
+
+
+def _end_on_interrupt():
+    """From here to the process's end (its output written, the interpreter tearing down), Ctrl-C ends it with one
+    line and status 130: a KeyboardInterrupt raised now would print a traceback, or be lost with status 0."""
+    signal.signal(signal.SIGINT, _interrupted_while_ending)
+
+
+def _interrupted_while_ending(*_):
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe
+            pass
+    os.write(2, b"error: interrupted while ending; what this command wrote is complete\n")
+    os._exit(130)

@@ -11,6 +11,7 @@ average are post-processing, done here.
     report.write_outputs(results, "runs/mov-30")          # eval.json, eval.md
 """
 import csv
+import io
 import json
 import os
 import statistics
@@ -102,7 +103,10 @@ def output_name(max_examples=None):
 
 def write_outputs(results, out_dir, compare=None, name="eval"):
     """<name>.json (everything) and <name>.md (the table and per-template accuracies), each written atomically."""
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise rundir.write_error(e, out_dir) from e
     rundir.write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps(results, indent=1) + "\n")
     lines = ["# Held-out evaluation (rank classification)", "", format_table(results, compare), "",
              "## Per template", "", "| dataset | template | examples | accuracy |", "|---|---|---|---|"]
@@ -124,26 +128,24 @@ def write_routing(results, out_dir):
     import matplotlib.pyplot as plt
     sites = list(results["routing"])
     per_dataset = {}
-    tmp = os.path.join(out_dir, f"routing.csv.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = None
-        for site in sites:
-            for dataset in ordered(results["routing"][site]):
-                probs = results["routing"][site][dataset]
-                tokens = results["routing_tokens"][site][dataset]
-                if writer is None:
-                    num_experts = len(next(iter(probs.values())))
-                    writer = csv.writer(f)
-                    writer.writerow(["site", "dataset", "template", "tokens"] +
-                                    [f"expert_{e}" for e in range(num_experts)])
-                for template in sorted(probs):
-                    writer.writerow([site, dataset, template, int(tokens[template])] +
-                                    [f"{p:.6f}" for p in probs[template]])
-                weight = np.array([tokens[t] for t in probs])
-                mean = (np.array([probs[t] for t in probs]) * weight[:, None]).sum(0) / max(weight.sum(), 1.0)
-                per_dataset.setdefault(site, {})[dataset] = mean
-                writer.writerow([site, dataset, "*", int(weight.sum())] + [f"{p:.6f}" for p in mean])
-    os.replace(tmp, os.path.join(out_dir, "routing.csv"))
+    f, writer = io.StringIO(newline=""), None  # the table in memory, then written atomically
+    for site in sites:
+        for dataset in ordered(results["routing"][site]):
+            probs = results["routing"][site][dataset]
+            tokens = results["routing_tokens"][site][dataset]
+            if writer is None:
+                num_experts = len(next(iter(probs.values())))
+                writer = csv.writer(f)
+                writer.writerow(["site", "dataset", "template", "tokens"] +
+                                [f"expert_{e}" for e in range(num_experts)])
+            for template in sorted(probs):
+                writer.writerow([site, dataset, template, int(tokens[template])] +
+                                [f"{p:.6f}" for p in probs[template]])
+            weight = np.array([tokens[t] for t in probs])
+            mean = (np.array([probs[t] for t in probs]) * weight[:, None]).sum(0) / max(weight.sum(), 1.0)
+            per_dataset.setdefault(site, {})[dataset] = mean
+            writer.writerow([site, dataset, "*", int(weight.sum())] + [f"{p:.6f}" for p in mean])
+    rundir.write_atomic(os.path.join(out_dir, "routing.csv"), f.getvalue())
     num_experts = len(next(iter(per_dataset[sites[0]].values())))
     fig, axes = plt.subplots(len(sites), 1, squeeze=False,
                              figsize=(3.5 + 0.4 * num_experts, sum(1.2 + 0.3 * len(per_dataset[s]) for s in sites)))
@@ -157,6 +159,7 @@ def write_routing(results, out_dir):
         ax.set_title(site, fontsize=8)
         fig.colorbar(image, ax=ax).set_label("mean routing prob.", fontsize=8)
     fig.tight_layout()
-    fig.savefig(tmp.replace("routing.csv", "routing.png"), dpi=120, format="png")
-    os.replace(tmp.replace("routing.csv", "routing.png"), os.path.join(out_dir, "routing.png"))
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
+    rundir.write_atomic(os.path.join(out_dir, "routing.png"), png.getvalue())
     plt.close(fig)

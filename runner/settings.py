@@ -12,10 +12,15 @@ same flag spelling in train.py, evaluate.py, generate.py, bench.py and tools/tpu
 
 `from_dict` fills what older run directories did not record with the value those runs used, and names keys it
 does not know (a newer version wrote them) in one warning.
+
+Each field also says whether it is part of a run's identity (`identity=`: the methods for which another value makes
+another run, which a resume refuses) or may change when a run resumes (applied from the resumed step on and
+recorded in config.json's "changes"; runner/rundir.py). `out` is neither: it is the run directory itself.
 """
 import argparse
 import dataclasses
 import math
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -26,9 +31,12 @@ SIZES = ("small", "base", "large", "xl", "xxl")  # presets with released LM-adap
 SENTENCE_DIM = 384  # what --router-input sentence reads: data.SentenceEmbedder's all-MiniLM-L6-v2 embeddings
 
 
-def setting(default, help, choices=None):
-    """A settings field with its --help text (and the values it may take)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def setting(default, help, choices=None, identity=False):
+    """A settings field with its --help text (and the values it may take). identity: True (every method) or the
+    methods for which the setting defines the run (the tensors' shapes, the model, the data stream): a resume with
+    another value is refused. False: it may change on resume, from the resumed step on, on the record."""
+    methods = METHODS if identity is True else tuple(identity or ())
+    return field(default=default, metadata={"help": help, "choices": choices, "identity": methods})
 
 
 @dataclass
@@ -38,23 +46,27 @@ class ModelSettings:
     # MoLORA-15. The default is MoV-10, the paper's smallest mixture and the base of its routing ablations (top-k,
     # sentence routing); --experts 30 is the released configs/mov.gin and the paper's best MoV row.
     method: str = setting("mov", "mov (mixture of (IA)3 vectors), molora (mixture of LoRA), ia3, lora, or full "
-                                 "fine-tuning", METHODS)
-    experts: int = setting(10, "number of experts for mov / molora")
-    rank: int = setting(4, "LoRA rank for lora / molora (the paper: 4; the released configs/lora.gin: 16)")
-    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank")
+                                 "fine-tuning", METHODS, identity=True)
+    experts: int = setting(10, "number of experts for mov / molora", identity=ROUTED)
+    rank: int = setting(4, "LoRA rank for lora / molora (the paper: 4; the released configs/lora.gin: 16)",
+                        identity=LORA)
+    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank", identity=LORA)
     top_k: Optional[int] = setting(None, "mov / molora: keep the k most probable experts (softmax over all, no "
-                                   "renormalisation, as the original's routing.py)")
+                                   "renormalisation, as the original's routing.py)", identity=ROUTED)
     # router options of the original's src/routing.py, all off in its released configs (routing.py)
     router_jitter: float = setting(0.0, "training only: the router input times noise U[1-eps, 1+eps]")
-    router_bias: bool = setting(False, "a zero-initialised trainable bias on the router logits (use_bias)")
+    router_bias: bool = setting(False, "a zero-initialised trainable bias on the router logits (use_bias)",
+                                identity=ROUTED)
     router_input: str = setting("token", "token: the router reads the activation it rescales; sentence: one "
-                                         "embedding per example (an ablation)", ("token", "sentence"))
+                                         "embedding per example (an ablation)", ("token", "sentence"),
+                                identity=ROUTED)
     model: str = setting("xl", "tiny (random, offline), small..xxl (google/t5-<size>-lm-adapt; xl: the paper's "
-                               "T5-3B, large: the released scripts'), a directory or a hub name")
+                               "T5-3B, large: the released scripts'), a directory or a hub name", identity=True)
     dropout: float = setting(0.1, "dropout rate of the backbone in training")
     dropout_mask: str = setting("broadcast", "broadcast: T5X's masks shared along the length; elementwise: HF's",
                                 ("broadcast", "elementwise"))
-    seed: int = setting(0, "seed of the data mixture, the adapter init, dropout and --model tiny's weights")
+    seed: int = setting(0, "seed of the data mixture, the adapter init, dropout and --model tiny's weights",
+                        identity=True)
 
     @classmethod
     def add_flags(cls, parser, only=None, defaults=True):
@@ -78,7 +90,7 @@ class ModelSettings:
         dict lacks take the value older runs used (every field added since has the original's value as its
         default), and a value of the wrong type is a ValueError naming `where`."""
         names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(names) - set(RESOLVED))
+        unknown = sorted(set(values) - set(names) - set(RESOLVED) - set(RECORD))
         if unknown:
             warnings.warn(f"{where} has settings this version does not know, ignored: {', '.join(unknown)} (written "
                           "by a newer version?)", stacklevel=2)
@@ -130,13 +142,14 @@ class ModelSettings:
 class Config(ModelSettings):
     """Everything a training run is (train.py): the model, then the recipe, the hardware and the run itself."""
     load_balance_weight: float = setting(0.0, "add this x Switch Transformer's load-balancing loss (mean over sites)")
-    data: str = setting("bigscience/P3", "bigscience/P3 (hub), a local directory in P3's layout, or demo (offline)")
+    data: str = setting("bigscience/P3", "bigscience/P3 (hub), a local directory in P3's layout, or demo (offline)",
+                        identity=True)  # the same tasks from elsewhere resume (data.check_same_mixture)
     # the recipe (configs/*.gin, scripts/*_train.sh; T5X's finetune defaults)
     steps: int = setting(500_000, "optimizer steps in all (a resumed run continues up to this count)")
-    batch_size: int = setting(32, "packed rows per optimizer step")
+    batch_size: int = setting(32, "packed rows per optimizer step", identity=True)
     grad_accum: int = setting(1, "split each batch into this many micro-batches (memory); 1 = the original")
-    input_length: int = setting(1024, "encoder tokens per row (inputs keep their first tokens)")
-    target_length: int = setting(256, "decoder tokens per row")
+    input_length: int = setting(1024, "encoder tokens per row (inputs keep their first tokens)", identity=True)
+    target_length: int = setting(256, "decoder tokens per row", identity=True)
     lr: float = setting(3e-4, "constant learning rate (no warm-up, no decay)")
     adafactor_step_offset: int = setting(1_100_000, "Adafactor's decay counter starts here (T5X continues from the "
                                               "checkpoint's step 1.1M)")
@@ -184,9 +197,14 @@ class Config(ModelSettings):
 
 POSITIVE = ("experts", "rank", "steps", "batch_size", "grad_accum", "input_length", "target_length", "fsdp", "threads",
             "save_every", "keep", "log_every", "eval_max_examples")
-# What a run directory's config.json records beside the settings: resolved at the start of the run.
+# What a run directory's config.json records beside the settings: resolved at the start of the run (they may
+# differ on resume, on the record), and the record of the settings changed on resume (runner/rundir.py).
 RESOLVED = ("activations", "world_size", "cpu_threads")
+RECORD = ("changes",)
 MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(ModelSettings))
+# The identity settings, each with the methods whose runs it defines (setting(identity=...)): a resume with another
+# value is refused. Every other setting but `out` may change on resume, on the record (runner/rundir.py).
+IDENTITY = {f.name: f.metadata["identity"] for f in dataclasses.fields(Config) if f.metadata["identity"]}
 
 
 def _fits(value, f):
@@ -208,3 +226,12 @@ def parse_run_name(name):
     if method not in METHODS or (method in ROUTED) != bool(experts) or (experts and not experts.isdigit()):
         raise ValueError(f"{name!r} is not a configuration: use mov-N, molora-N (N experts), ia3, lora or full")
     return method, int(experts) if experts else None
+
+
+def flag_text(name, value):
+    """The command-line words that set `name` to `value`: "--seed 0", "--router-bias" / "--no-router-bias", and
+    "(no --top-k)" for None."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"(no {flag})" if value is None else f"{flag} {shlex.quote(str(value))}"

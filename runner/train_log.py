@@ -25,10 +25,11 @@ class StepLog:
     """log.jsonl and the progress bar. Pending steps reach the host once per interval; on XLA through a step
     closure, which runs once the queued graphs have executed, so the loop never waits for the device."""
 
-    def __init__(self, cfg, step: int, xla: bool, main: bool = True, monitor=None):
+    def __init__(self, cfg, step: int, xla: bool, main: bool = True, monitor=None, resumed=None):
         from tqdm import tqdm
         self.cfg, self.xla, self.pending, self.tokens, self.t0, self.last = cfg, xla, [], 0, time.perf_counter(), None
         self.monitor = monitor  # routing.Monitor: names the routing-health values (and warns on a collapse)
+        self.resumed = resumed  # the checkpoint this run resumed from (None: step 0), named if the loss goes NaN
         self.file = rundir.open_log(cfg.out, step) if main else open(os.devnull, "w")  # data parallel: rank 0 writes
         self.bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.method} {cfg.model}", dynamic_ncols=True,
                         disable=not main)
@@ -55,9 +56,11 @@ class StepLog:
         for (s, _, _, seen, _), (l, z, *health) in zip(entries, values):
             if not math.isfinite(l):
                 found = rundir.checkpoints(self.cfg.out)
-                raise FloatingPointError(f"loss is {l} at step {s}; stopping. The newest checkpoint, "
-                                         f"{found[-1][1] if found else '(none yet)'}, is intact; try a lower --lr "
-                                         "or --dtype float32")
+                start = f"resumed from {self.resumed}" if self.resumed else "started from step 0"
+                raise FloatingPointError(
+                    f"loss is {l} at step {s}; stopping before the next checkpoint (this run {start}; the newest "
+                    f"checkpoint is {found[-1][1] if found else 'none yet'}). The same command with a lower --lr "
+                    "or --dtype float32 resumes from the newest checkpoint with them")
             self.last = {"step": s, "loss": l, "z_loss": z, "lr": self.cfg.lr, "tokens_per_s": round(rate, 1),
                          "examples_seen": seen, **(self.monitor.fields(s, health) if health else {})}
             self.file.write(json.dumps(self.last) + "\n")

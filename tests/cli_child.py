@@ -6,7 +6,8 @@ Each child runs the script's `__main__` block through `runpy`, as the interprete
 files, an uncaught exception prints its traceback and exits 1, a signal kills it for real.
 
 Faults are monkeypatches applied in the child before the script runs (the product code has no test hooks):
-SIGKILL at the Nth call of a writer, SIGINT during start-up. `FAULTS` names them; each takes keyword arguments.
+SIGKILL at the Nth call of a writer, SIGINT during start-up or at the end, a pause mid-run. `FAULTS` names them;
+each takes keyword arguments.
 """
 import errno
 import os
@@ -14,6 +15,7 @@ import runpy
 import shutil
 import signal
 import sys
+import time
 import traceback
 
 # Imported here so that the fork server holds them (train.main imports them lazily; ~4 s per child otherwise).
@@ -23,8 +25,10 @@ import safetensors.torch
 import torch._dynamo  # noqa: F401  (torch.optim's first optimizer)
 import tqdm  # noqa: F401
 
-from runner import build
+import adafactor
+from runner import build, cli
 import evaluate  # noqa: F401
+import generate  # noqa: F401
 from runner import rundir
 import train  # noqa: F401
 
@@ -150,8 +154,37 @@ def sigint_in_build():
     build.build_model = build_model
 
 
+def pause_after_step(n, until):
+    """After the nth optimizer step, create `<until>.waiting` and wait until the file `until` exists: the run stays
+    alive, holding its run directory, while the test starts another process on it."""
+    real, tick = adafactor.Adafactor.step, _countdown(n)
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if tick():
+            open(f"{until}.waiting", "w").close()
+            while not os.path.exists(until):
+                time.sleep(0.01)
+        return out
+    adafactor.Adafactor.step = step
+
+
+def sigint_after_run():
+    """Ctrl-C once the command has returned its exit status (its results written), as the interpreter ends."""
+    real = cli.run
+
+    def run(*args, **kwargs):
+        status = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # the handler runs between two bytecodes of the main thread
+            time.sleep(0.001)
+        return status
+    cli.run = run
+
+
 FAULTS = {f.__name__: f for f in (kill_in_save_file, kill_before_rename, kill_in_prune, kill_before_replace,
-                                  kill_in_log_write, no_space_in_log_write, no_space_in_save_file, sigint_in_build)}
+                                  kill_in_log_write, no_space_in_log_write, no_space_in_save_file, sigint_in_build,
+                                  pause_after_step, sigint_after_run)}
 
 
 def run(script, argv, out, err, faults=()):

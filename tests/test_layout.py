@@ -221,8 +221,8 @@ def test_freeze_base_leaves_other_adapters_alone():
 
 
 def test_default_routing_site_is_the_routed_ffn_layer_of_each_method():
-    """routing.default_sites names the last decoder FFN's routed layer: `act` for MoV, `wi_0` for MoLORA; an
-    (IA)3 layer (no router) is refused as a routing site before any forward."""
+    """routing.default_sites names the last decoder FFN's routed layer: `act` for MoV, `wi_0` for MoLORA; a model
+    without routers ((IA)3) is refused as such before any forward, a wrong site of a routed model by name."""
     import routing
     for inject, leaf in ((lambda m: mov.add_mov(m, 3), "act"), (lambda m: molora.add_molora(m, 3), "wi_0")):
         model = inject(tiny_t5())
@@ -230,8 +230,10 @@ def test_default_routing_site_is_the_routed_ffn_layer_of_each_method():
         assert site.endswith(f"layer.2.DenseReluDense.{leaf}")
         assert routing.routed_layers(model, (site,))[site].num_experts == 3
     ia3 = mov.add_ia3(tiny_t5())
-    with pytest.raises(ValueError, match="not a routed"):
+    with pytest.raises(ValueError, match="no routed layers .*needs a mov or molora model"):
         routing.routed_layers(ia3, routing.default_sites(ia3))
+    with pytest.raises(ValueError, match="not a routed MoV/MoLORA layer"):
+        routing.routed_layers(model, ("decoder.block.0",))
 
 
 def test_resume_identity_compares_only_the_settings_a_method_uses(tmp_path):

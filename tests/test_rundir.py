@@ -56,13 +56,20 @@ def server():
     return ctx
 
 
-def cli(server, tmp_path, script, *argv, faults=(), kill=None, timeout=300):
-    """Run `python <script> <argv>` in a child; `faults`: [(cli_child fault name, kwargs)]; `kill`: (log, lines,
-    seconds): SIGKILL it that many seconds after the file `log` holds that many lines, if it still runs.
-    Returns Result(rc, stdout, stderr); rc = -9 for a SIGKILL."""
+def start(server, tmp_path, script, *argv, faults=()):
+    """Start `python <script> <argv>` in a child; `faults`: [(cli_child fault name, kwargs)]. Returns (the child
+    process, its stdout file, its stderr file)."""
     out, err = (os.path.join(tmp_path, f"{name}-{time.monotonic_ns()}") for name in ("out", "err"))
     child = server.Process(target=cli_child.run, args=(script, [str(a) for a in argv], out, err, list(faults)))
     child.start()
+    return child, out, err
+
+
+def cli(server, tmp_path, script, *argv, faults=(), kill=None, timeout=300, started=None):
+    """Run `python <script> <argv>` in a child (or wait for `started`, start()'s result); `faults`: [(cli_child fault
+    name, kwargs)]; `kill`: (log, lines, seconds): SIGKILL it that many seconds after the file `log` holds that many
+    lines, if it still runs. Returns Result(rc, stdout, stderr); rc = -9 for a SIGKILL."""
+    child, out, err = started or start(server, tmp_path, script, *argv, faults=faults)
     if kill is not None:
         log, lines, seconds = kill
         while child.is_alive() and (not os.path.exists(log) or open(log, "rb").read().count(b"\n") < lines):
@@ -92,12 +99,18 @@ def leftovers(run):
 
 
 def digest(folder):
-    """{relative path: sha256} of every file under `folder`."""
+    """{relative path: sha256} of every file under `folder` (a symbolic link: its target; a folder: "folder")."""
     out = {}
-    for d, _, files in os.walk(folder):
-        for n in files:
-            with open(os.path.join(d, n), "rb") as f:
-                out[os.path.relpath(os.path.join(d, n), folder)] = hashlib.sha256(f.read()).hexdigest()
+    for d, dirs, files in os.walk(folder):
+        for n in files + dirs:
+            path = os.path.join(d, n)
+            if os.path.islink(path):
+                out[os.path.relpath(path, folder)] = "-> " + os.readlink(path)
+            elif os.path.isdir(path):
+                out[os.path.relpath(path, folder)] = "folder"
+            else:
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
     return out
 
 
@@ -192,17 +205,69 @@ def _torn_log_line(run):
         f.write('{"step": 5, "loss": 2')  # a line cut off by a kill or a full disk
 
 
+def _newest(run, name):
+    return os.path.join(run, "checkpoints", "step_00000004", name)
+
+
+def _retype_tensors(run):
+    """The safetensors header's dtypes rewritten F32 -> I32 (same size): the file still loads, as garbage."""
+    path = _newest(run, rundir.TRAINABLE_FILE)
+    with open(path, "rb") as f:
+        raw = f.read()
+    size = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + size].replace(b'"F32"', b'"I32"')
+    assert header != raw[8:8 + size]
+    with open(path, "wb") as f:
+        f.write(raw[:8] + header + raw[8 + size:])
+
+
+def _nonfinite_tensor(value):
+    def damage(run):
+        from safetensors.torch import load_file, save_file
+        tensors = load_file(_newest(run, rundir.TRAINABLE_FILE))
+        tensors[sorted(tensors)[0]].view(-1)[0] = value
+        save_file(tensors, _newest(run, rundir.TRAINABLE_FILE))
+    return damage
+
+
+def _optimizer_state_shape(run):
+    """One second-moment tensor of the Adafactor state one element longer (a valid file of the wrong layout)."""
+    saved = torch.load(_newest(run, rundir.OPTIMIZER_FILE), weights_only=True)
+    state = saved["optimizer"]["state"][0]
+    key = next(k for k in state if k != "step")
+    state[key] = torch.ones(state[key].numel() + 1)
+    torch.save(saved, _newest(run, rundir.OPTIMIZER_FILE))
+
+
+def _edit_state(edit):
+    def damage(run):
+        with open(_newest(run, rundir.STATE_FILE)) as f:
+            state = json.load(f)
+        edit(state)
+        with open(_newest(run, rundir.STATE_FILE), "w") as f:
+            json.dump(state, f)
+    return damage
+
+
 @pytest.mark.parametrize("damage, skipped", [
     (_torn_log_line, False),
     (lambda run: _cut(os.path.join(run, "config.json")), False),
     (lambda run: open(os.path.join(run, "config.json"), "w").close(), False),
-    (lambda run: _cut(os.path.join(run, "checkpoints", "step_00000004", "trainable.safetensors")), True),
-    (lambda run: _cut(os.path.join(run, "checkpoints", "step_00000004", "optimizer.pt")), True),
-    (lambda run: _cut(os.path.join(run, "checkpoints", "step_00000004", "state.json")), True),
-], ids=["torn-log-line", "config-cut", "config-empty", "trainable-cut", "optimizer-cut", "state-cut"])
+    (lambda run: _cut(_newest(run, rundir.TRAINABLE_FILE)), True),
+    (lambda run: _cut(_newest(run, rundir.OPTIMIZER_FILE)), True),
+    (lambda run: _cut(_newest(run, rundir.STATE_FILE)), True),
+    (_retype_tensors, True),
+    (_nonfinite_tensor(float("nan")), True),
+    (_nonfinite_tensor(float("inf")), True),
+    (_optimizer_state_shape, True),
+    (_edit_state(lambda state: state["data"]["tasks"].__setitem__(0, "demo_review_is_negative")), True),
+    (_edit_state(lambda state: state["data"].__setitem__("ready", [["not", "rows"]])), True),
+], ids=["torn-log-line", "config-cut", "config-empty", "trainable-cut", "optimizer-cut", "state-cut",
+        "trainable-dtype", "trainable-nan", "trainable-inf", "optimizer-shape", "state-task-name", "state-rows"])
 def test_damaged_file_then_rerun_logs_the_uninterrupted_run(server, reference, four_steps, tmp_path, damage,
                                                             skipped):
-    """A run stopped at step 4 whose log, settings or newest checkpoint was then damaged: the same command
+    """A run stopped at step 4 whose log, settings or newest checkpoint was then damaged (cut, or well-formed with
+    wrong content: dtypes, non-finite values, optimizer state shapes, a task name, pending rows): the same command
     completes with the uninterrupted losses, skipping a damaged checkpoint with one notice (resuming step 3)."""
     run = tmp_path / "run"
     shutil.copytree(four_steps, run)
@@ -211,7 +276,7 @@ def test_damaged_file_then_rerun_logs_the_uninterrupted_run(server, reference, f
     notices = [line for line in r.out.splitlines() if line.startswith("skipping checkpoint")]
     assert len(notices) == skipped and all("step_00000004" in line for line in notices), r.out
     assert f"from step {3 if skipped else 4}" in r.out
-    assert json.loads((run / "config.json").read_text())["steps"] == STEPS  # rewritten whole
+    assert rundir.settings_at(json.loads((run / "config.json").read_text()), STEPS)["steps"] == STEPS  # rewritten
 
 
 class _Touch:
@@ -306,12 +371,21 @@ def inputs(tmp_path_factory, four_steps):
             if n.endswith(".parquet"):
                 _cut(os.path.join(d, n))
     shutil.copytree(demo, p["data_no_eval"], ignore=shutil.ignore_patterns("*_score_eval"))
+    p["data_fewer_tasks"] = str(root / "data_fewer_tasks")  # another mixture: one training task less
+    shutil.copytree(demo, p["data_fewer_tasks"], ignore=shutil.ignore_patterns("demo_opposite_repeat"))
+    p["prompts_latin1"] = str(root / "prompts.txt")
+    with open(p["prompts_latin1"], "wb") as f:
+        f.write("first prompt\nun caf\u00e9 ?\n".encode("latin-1"))
     # run directories: copies of a 4-step demo run (checkpoints 3 and 4), each damaged one way
-    for name in ("run_mov", "run_damaged", "run_config_garbage", "run_config_type", "run_no_ckpt"):
+    for name in ("run_mov", "run_damaged", "run_nan", "run_config_garbage", "run_config_type", "run_no_ckpt"):
         p[name] = str(root / name)
         shutil.copytree(four_steps, p[name])
     for step in (3, 4):
         _cut(os.path.join(p["run_damaged"], "checkpoints", f"step_{step:08d}", "trainable.safetensors"))
+        from safetensors.torch import load_file
+        tensors = load_file(os.path.join(p["run_nan"], "checkpoints", f"step_{step:08d}", "trainable.safetensors"))
+        tensors[sorted(tensors)[-1]].view(-1)[-1] = float("nan")
+        save_file(tensors, os.path.join(p["run_nan"], "checkpoints", f"step_{step:08d}", "trainable.safetensors"))
     with open(os.path.join(p["run_config_garbage"], "config.json"), "w") as f:
         f.write("{garbage")
     settings = json.load(open(os.path.join(p["run_config_type"], "config.json")))
@@ -353,7 +427,16 @@ BAD = {
                                            "{model_not_json}/config.json"),
     "train-other-method": ("train.py", "--out {run_mov} --method molora", "method: saved 'mov', asked 'molora'"),
     "train-other-experts": ("train.py", "--out {run_mov} --experts 4", "experts: saved 10, asked 4"),
+    "train-other-seed": ("train.py", "--out {run_mov} --seed 1",
+                         "--seed: saved 0, asked 1). Pass --seed 0 to resume it, or another --out"),
+    "train-other-batch-size": ("train.py", "--out {run_mov} --batch-size 8",
+                               "--batch-size: saved 4, asked 8). Pass --batch-size 4 to resume it"),
+    "train-other-input-length": ("train.py", "--out {run_mov} --input-length 32",
+                                 "--input-length: saved 64, asked 32). Pass --input-length 64 to resume it"),
+    "train-other-mixture": ("train.py", "--out {run_mov} --data {data_fewer_tasks}",
+                            "To resume it, pass --data demo"),
     "train-all-checkpoints-damaged": ("train.py", "--out {run_damaged}", "no checkpoint of {run_damaged} loads"),
+    "train-all-checkpoints-nan": ("train.py", "--out {run_nan}", "no checkpoint of {run_nan} loads"),
     "train-out-is-a-file": ("train.py", "--out {a_file}", "{a_file}"),
     "train-ctrl-c-at-start-up": ("train.py", "--out {run_mov}", "interrupted"),
     "evaluate-run-missing": ("evaluate.py", "--run {missing}", "--run {missing}: no such directory"),
@@ -363,6 +446,12 @@ BAD = {
     "evaluate-run-config-bad-value": ("evaluate.py", "--run {run_config_type}", "experts='ten'"),
     "evaluate-run-no-checkpoint": ("evaluate.py", "--run {run_no_ckpt}", "{run_no_ckpt} has no checkpoint yet"),
     "evaluate-run-all-damaged": ("evaluate.py", "--run {run_damaged}", "no checkpoint of {run_damaged} loads"),
+    "evaluate-run-all-nan": ("evaluate.py", "--run {run_nan}", "no checkpoint of {run_nan} loads"),
+    "generate-run-all-nan": ("generate.py", "--run {run_nan} hello", "no checkpoint of {run_nan} loads"),
+    "generate-max-new-tokens-0": ("generate.py", "--model tiny --max-new-tokens 0 hello",
+                                  "--max-new-tokens must be positive, got 0"),
+    "generate-input-file-not-utf8": ("generate.py", "--model tiny --input-file {prompts_latin1}",
+                                     "--input-file {prompts_latin1} line 2 is not UTF-8 text"),
     "evaluate-run-step-missing": ("evaluate.py", "--run {run_mov} --step 99", "no checkpoint of step 99"),
     "evaluate-data-without-held-out": ("evaluate.py", "--run {run_mov} --data {data_no_eval}",
                                        "--data {data_no_eval} has no evaluation tasks"),
@@ -395,6 +484,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(server, inputs, tmp_pat
     used = {name for _, name, _, _ in string.Formatter().parse(args) if name}
     if script == "train.py":
         argv = [*TRAIN, "--out", "{new}", *args.split()]
+    elif script == "generate.py":
+        argv = ["--device", "cpu", *args.split()]
     else:
         argv = ["--device", "cpu", "--max-examples", "2", "--out", "{new}", *args.split()]
     argv = [a.format(**paths) for a in argv]
@@ -497,12 +588,14 @@ def test_disk_full_during_a_log_write(server, reference, four_steps, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- evaluate.py --run
-def test_evaluate_run_skips_a_damaged_newest_checkpoint(server, four_steps, tmp_path):
-    """evaluate.py --run evaluates the newest checkpoint that loads: with step 4's tensors damaged, step 3, after
-    one notice naming step 4."""
+@pytest.mark.parametrize("damage", [lambda run: _cut(_newest(run, rundir.TRAINABLE_FILE)), _retype_tensors,
+                                    _nonfinite_tensor(float("nan"))], ids=["cut", "dtype", "nan"])
+def test_evaluate_run_skips_a_damaged_newest_checkpoint(server, four_steps, tmp_path, damage):
+    """evaluate.py --run evaluates the newest checkpoint whose tensors load and pass the checks: with step 4's
+    tensors cut, retyped or holding a NaN, step 3, after one notice naming step 4."""
     run = tmp_path / "run"
     shutil.copytree(four_steps, run)
-    _cut(run / "checkpoints" / "step_00000004" / "trainable.safetensors")
+    damage(run)
     r = cli(server, tmp_path, "evaluate.py", "--run", run, "--device", "cpu", "--max-examples", "2")
     assert r.rc == 0, r.err[-3000:]
     notices = [line for line in r.out.splitlines() if line.startswith("skipping checkpoint")]
@@ -526,3 +619,287 @@ def test_evaluate_max_examples_never_overwrites_the_full_evaluation(server, four
     assert {t["examples"] for ts in quick["tasks"].values() for t in ts.values()} == {3}
     assert (run / "eval.json").read_text() == '{"full": "evaluation"}\n'
     assert (run / "eval.md").read_text() == "# full evaluation\n"
+
+
+def test_generate_run_skips_a_damaged_newest_checkpoint(server, four_steps, tmp_path):
+    """generate.py --run answers with the newest checkpoint whose tensors pass the checks: with a NaN in step 4's
+    tensors, one notice naming step 4, and the answers and scores of `--step 3`."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    _nonfinite_tensor(float("nan"))(run)
+    ask = ["--device", "cpu", "--choices", "positive,negative", "Someone said: the trip was dull. Positive or negative?"]
+    fallback = cli(server, tmp_path, "generate.py", "--run", run, *ask)
+    step_3 = cli(server, tmp_path, "generate.py", "--run", run, "--step", "3", *ask)
+    assert fallback.rc == 0 and step_3.rc == 0, fallback.err[-3000:] + step_3.err[-3000:]
+    notices = [line for line in fallback.out.splitlines() if line.startswith("skipping checkpoint")]
+    assert len(notices) == 1 and "step_00000004" in notices[0] and "NaN" in notices[0], fallback.out
+    assert fallback.out.splitlines()[1:] == step_3.out.splitlines() and "score 'positive'" in step_3.out
+
+
+# ----------------------------------------------------------------------------------------------- one writer
+def test_a_second_writer_is_refused_while_the_first_runs(server, reference, tmp_path):
+    """A second train.py on a run directory that a first one is writing ends with one error line naming the
+    directory and the first's pid, and changes nothing; the first then completes with the uninterrupted log."""
+    run, go = tmp_path / "run", tmp_path / "go"
+    first = start(server, tmp_path, "train.py", *TRAIN, "--out", run,
+                  faults=[("pause_after_step", dict(n=3, until=str(go)))])
+    try:
+        while first[0].is_alive() and not (tmp_path / "go.waiting").exists():
+            time.sleep(0.01)
+        assert len(log_of(run)) == 2
+        before = digest(run)
+        second = cli(server, tmp_path, "train.py", *TRAIN, "--out", run)
+        line = one_error(second)
+        assert f"run directory {run} is being written by another train.py (pid {first[0].pid} " in line, line
+        assert digest(run) == before
+    finally:
+        go.touch()  # whatever happened, the first run goes on to its end
+    r = cli(server, tmp_path, "train.py", started=first)
+    assert r.rc == 0, r.err[-3000:]
+    assert log_of(run) == reference and not (run / rundir.LOCK_FILE).exists()
+
+
+def test_the_lock_of_a_killed_writer_is_taken_over_with_a_note(server, reference, tmp_path):
+    """A train.py SIGKILLed mid-run leaves train.lock naming its pid (the kernel released the lock itself); the same
+    command takes it over, says so naming that pid, and completes with the uninterrupted run's log."""
+    run = tmp_path / "run"
+    r = cli(server, tmp_path, "train.py", *TRAIN, "--out", run, faults=[("kill_in_save_file", dict(n=3))])
+    assert r.rc == -9, r.err[-3000:]
+    held = json.loads((run / "train.lock").read_text())
+    r = finish(server, tmp_path, run, reference)
+    notes = [line for line in r.out.splitlines() if "train.lock" in line]
+    assert len(notes) == 1 and f"pid {held['pid']} on {held['host']}" in notes[0] and "taking it over" in notes[0]
+    assert not (run / rundir.LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------------------------- settings on resume
+def test_settings_changed_on_resume_are_recorded_with_their_step(server, four_steps, tmp_path):
+    """A run of 4 steps resumed with another --steps, --lr, --dropout, --z-loss, --grad-accum, --dropout-mask and
+    --router-jitter: config.json keeps the settings steps 1-4 ran with and records the new values as one change at
+    step 4; settings_at gives either set for its steps, and each log line's lr is its step's."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    first = json.loads((run / "config.json").read_text())
+    new = {"steps": 6, "lr": 0.02, "dropout": 0.2, "z_loss": 0.001, "grad_accum": 2, "dropout_mask": "elementwise",
+           "router_jitter": 0.1}
+    flags = [w for k, v in new.items() for w in (f"--{k.replace('_', '-')}", str(v))]
+    r = cli(server, tmp_path, "train.py", *TRAIN, "--out", run, *flags)
+    assert r.rc == 0, r.err[-3000:]
+    record = json.loads((run / "config.json").read_text())
+    assert {k: v for k, v in record.items() if k != "changes"} == {k: v for k, v in first.items() if k != "changes"}
+    assert record["changes"] == [{"step": 4, "settings": new}]
+    assert {k: rundir.settings_at(record, 4)[k] for k in new} == {k: first[k] for k in new}
+    assert {k: rundir.settings_at(record, 5)[k] for k in new} == new
+    assert [line["lr"] for line in log_of(run)] == [first["lr"]] * 4 + [0.02] * 2
+
+
+def test_a_resume_from_an_older_checkpoint_forgets_the_changes_after_it():
+    """A record with changes at steps 4 and 8, resumed at step 6 (a newer checkpoint lost): the step-8 change is
+    dropped (those steps run again); with the settings of step 6 nothing is added, with another lr one change at
+    step 6."""
+    first = {"method": "mov", "lr": 0.01, "steps": 10, "activations": "float32", "world_size": 1}
+    record = {**first, "changes": [{"step": 4, "settings": {"lr": 0.02}}, {"step": 8, "settings": {"lr": 0.03}}]}
+    assert rundir.resumed_record(record, {**first, "lr": 0.02}, 6) == {**first, "changes": record["changes"][:1]}
+    assert rundir.resumed_record(record, {**first, "lr": 0.05}, 6) == {**first, "changes": [
+        {"step": 4, "settings": {"lr": 0.02}}, {"step": 6, "settings": {"lr": 0.05}}]}
+    assert [rundir.settings_at(record, s)["lr"] for s in (4, 5, 8, 9)] == [0.01, 0.02, 0.02, 0.03]
+
+
+def _resume_one_step(server, tmp_path, four_steps, name, *flags):
+    """A copy of the 4-step run resumed for one step with `flags`: (step 4's and step 5's trainable tensors,
+    step 4's and step 5's optimizer state)."""
+    from safetensors.torch import load_file
+    run = tmp_path / name
+    shutil.copytree(four_steps, run)
+    r = cli(server, tmp_path, "train.py", *TRAIN, "--steps", "5", "--out", run, *flags)
+    assert r.rc == 0, r.err[-3000:]
+    ckpt = [run / "checkpoints" / f"step_{s:08d}" for s in (4, 5)]
+    return ([load_file(c / rundir.TRAINABLE_FILE) for c in ckpt],
+            [torch.load(c / rundir.OPTIMIZER_FILE, weights_only=True)["optimizer"]["state"] for c in ckpt])
+
+
+def test_lr_and_step_offset_given_on_resume_drive_the_update(server, four_steps, tmp_path):
+    """Resumed for one step with --lr 3x the run's, every parameter moves 3x as far (Adafactor's update is lr times a
+    term without lr: same weights, batch and dropout); with --adafactor-step-offset 100, every second moment is
+    v5 = (1 - mix) v4 + mix (g^2 + eps1) with mix = (step + 100)^-0.8, g^2 + eps1 taken from the run resumed with the
+    saved offset 0 (T5X's decay, adafactor.py's docstring)."""
+    lr = json.loads((four_steps / "config.json").read_text())["lr"]
+    (p4, p5), (v4, v5) = _resume_one_step(server, tmp_path, four_steps, "same")
+    (_, p5_lr), _ = _resume_one_step(server, tmp_path, four_steps, "lr", "--lr", str(3 * lr))
+    _, (_, v5_offset) = _resume_one_step(server, tmp_path, four_steps, "offset", "--adafactor-step-offset", "100")
+    for name in p4:
+        moved, moved_lr = (p4[name] - p5[name]).double(), (p4[name] - p5_lr[name]).double()
+        assert moved.abs().max() > 0, name
+        # the weights are float32: each moved amount is off by a rounding of the weight itself
+        torch.testing.assert_close(moved_lr, 3 * moved, rtol=1e-3, atol=1e-3 * float(moved.abs().max()), msg=name)
+    for i in v4:
+        step = float(v5[i]["step"])
+        mix0, mix100 = step ** -0.8, (step + 100) ** -0.8
+        for key in (k for k in v4[i] if k != "step"):
+            squared = (v5[i][key].double() - (1 - mix0) * v4[i][key].double()) / mix0
+            expected = (1 - mix100) * v4[i][key].double() + mix100 * squared
+            torch.testing.assert_close(v5_offset[i][key].double(), expected, rtol=1e-4, atol=1e-30, msg=(i, key))
+
+
+# ----------------------------------------------------------------------------------------------- the log
+def _write_log(run, lines):
+    os.makedirs(run, exist_ok=True)
+    with open(os.path.join(run, "log.jsonl"), "wb") as f:
+        f.write(b"".join(lines))
+
+
+def _line(step):
+    return json.dumps({"step": step, "loss": 1.0 / step}).encode() + b"\n"
+
+
+def test_the_log_keeps_every_good_line_around_a_damaged_one(tmp_path, capsys):
+    """Cut back to step 30, a 30-line log whose line 6 holds a byte that is not UTF-8 keeps the 29 other lines as
+    they were, and one note names line 6."""
+    lines = [_line(s) for s in range(1, 31)]
+    lines[5] = lines[5].replace(b"loss", b"lo\xffss")
+    _write_log(tmp_path, lines)
+    rundir.open_log(str(tmp_path), 30).close()
+    notes = capsys.readouterr().out.splitlines()
+    assert (tmp_path / "log.jsonl").read_bytes() == b"".join(lines[:5] + lines[6:])
+    assert len(notes) == 1 and "1 damaged (line 6)" in notes[0], notes
+
+
+def test_the_log_keeps_one_line_per_step(tmp_path, capsys):
+    """Cut back to step 4, a log holding step 3's line twice (and a torn last line) keeps steps 1-4 once each, and
+    one note names the repeated line."""
+    lines = [_line(1), _line(2), _line(3), _line(4), _line(3), _line(5)[:9]]
+    _write_log(tmp_path, lines)
+    rundir.open_log(str(tmp_path), 4).close()
+    notes = capsys.readouterr().out.splitlines()
+    assert (tmp_path / "log.jsonl").read_bytes() == b"".join(lines[:4])
+    assert len(notes) == 1 and "1 repeating a step (line 5)" in notes[0], notes
+
+
+# ----------------------------------------------------------------------------------------------- paths
+def _loop(path):
+    os.symlink(os.path.basename(path), path)  # a link to itself: every access fails with ELOOP
+
+
+@pytest.mark.parametrize("place", [
+    ("checkpoints/step_00000004", lambda p: (shutil.rmtree(p), open(p, "w").close())),
+    ("checkpoints/step_00000005", _loop),
+    ("checkpoints", lambda p: (shutil.rmtree(p), open(p, "w").close())),
+    ("config.json", lambda p: (os.remove(p), os.mkdir(p))),
+    ("config.json", lambda p: (os.remove(p), _loop(p))),
+    ("log.jsonl", lambda p: (os.remove(p), os.mkdir(p))),
+    ("log.jsonl", lambda p: (os.remove(p), _loop(p))),
+], ids=["checkpoint-a-file", "checkpoint-a-link-loop", "checkpoints-a-file", "config-a-folder", "config-a-link-loop",
+        "log-a-folder", "log-a-link-loop"])
+def test_a_path_of_the_wrong_kind_is_refused_before_training(server, four_steps, tmp_path, place):
+    """A path where the run directory keeps a file or folder, of the wrong kind (a file for a folder, a folder for a
+    file, a symbolic link to itself): the same command ends with one error line naming that path and saying to
+    remove it, before training (nothing changes); no temporary is named."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    name, damage = place
+    damage(str(run / name))
+    before = digest(run)
+    line = one_error(cli(server, tmp_path, "train.py", *TRAIN, "--out", run))
+    assert f"{run / name} is a " in line and "remove it or move it away" in line and ".tmp-" not in line, line
+    assert digest(run) == before
+
+
+def test_a_read_only_run_directory_is_one_error_line(server, four_steps, tmp_path):
+    """A run directory that cannot be written (a read-only file system; without root, no write permission): the same
+    command ends with one error line naming the directory and saying to make it writable or pass another --out;
+    nothing changes, no temporary is named."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and not subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                                                       capture_output=True).returncode
+    run = disk / "run"
+    shutil.copytree(four_steps, run)
+    try:
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        elif os.geteuid() != 0:
+            for d, _, _ in os.walk(run):
+                os.chmod(d, 0o555)
+        else:
+            pytest.skip("root without mount: no read-only directory to be had")
+        before = digest(run)
+        line = one_error(cli(server, tmp_path, "train.py", *TRAIN, "--out", run))
+        assert f"{run} cannot be written" in line and "make it writable, or pass another --out" in line, line
+        assert ".tmp-" not in line and digest(run) == before
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=True)
+        else:
+            for d, _, _ in os.walk(run):
+                os.chmod(d, 0o755)
+
+
+# ----------------------------------------------------------------------------------------------- command lines
+@pytest.mark.parametrize("script", ["evaluate.py", "generate.py"])
+def test_an_unknown_setting_in_a_runs_config_is_named_in_a_warning(server, four_steps, tmp_path, script):
+    """evaluate.py --run and generate.py --run on a run whose config.json holds a key this version does not know
+    (a newer version wrote it) work, after one warning line naming the key."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    settings = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**settings, "a_setting_from_the_future": 1}))
+    argv = ["--max-examples", "1"] if script == "evaluate.py" else ["hello"]
+    r = cli(server, tmp_path, script, "--run", run, "--device", "cpu", *argv)
+    assert r.rc == 0, r.err[-3000:]
+    warned = [line for line in r.err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "a_setting_from_the_future" in warned[0], r.err[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- edges
+def test_ctrl_c_after_the_results_are_written_is_one_line_and_status_130(server, four_steps, tmp_path):
+    """SIGINT after train.py has written everything (as the interpreter ends): exit status 130 with one line, no
+    traceback; the run directory is complete."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    r = cli(server, tmp_path, "train.py", *TRAIN, "--steps", "5", "--out", run, faults=[("sigint_after_run", {})])
+    errors = [line for line in r.err.splitlines() if "error:" in line]
+    assert r.rc == 130 and len(errors) == 1 and "Traceback" not in r.err + r.out, (r.rc, r.err[-3000:])
+    assert [s for s, _ in rundir.checkpoints(run)] == [4, 5] and len(log_of(run)) == 5
+
+
+def test_keep_is_honoured_after_a_kill_while_pruning(server, reference, tmp_path):
+    """Killed before the last checkpoint's pruning renamed the oldest away (3 checkpoints for --keep 2): the same
+    command, with nothing left to train, leaves the newest 2."""
+    run = tmp_path / "run"
+    r = cli(server, tmp_path, "train.py", *TRAIN, "--out", run, faults=[("kill_before_rename", dict(n=4,
+                                                                                                   prefix="step_"))])
+    assert r.rc == -9 and [s for s, _ in rundir.checkpoints(run)] == [4, 5, 6], r.err[-3000:]
+    finish(server, tmp_path, run, reference)
+
+
+def test_a_smaller_keep_on_resume_is_honoured(server, four_steps, tmp_path):
+    """A run with checkpoints 3 and 4, rerun with --keep 1 and nothing to train, keeps step 4 alone."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    r = cli(server, tmp_path, "train.py", *TRAIN, "--steps", "4", "--keep", "1", "--out", run)
+    assert r.rc == 0, r.err[-3000:]
+    assert [s for s, _ in rundir.checkpoints(run)] == [4]
+
+
+def test_a_checkpoint_folder_without_its_files_is_set_aside(server, reference, four_steps, tmp_path):
+    """An empty checkpoints/step_99999999/ neither counts toward --keep nor is deleted: it is moved aside with one
+    note naming it, and the run completes with the uninterrupted losses and its newest 2 checkpoints."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    (run / "checkpoints" / "step_99999999").mkdir()
+    r = finish(server, tmp_path, run, reference)
+    notes = [line for line in r.out.splitlines() if "step_99999999" in line]
+    assert len(notes) == 1 and "moved it aside" in notes[0], r.out
+    assert (run / "checkpoints" / "incomplete-step_99999999").is_dir()
+
+
+def test_a_resume_past_steps_says_so(server, four_steps, tmp_path):
+    """Rerun with --steps 2 below its newest checkpoint (step 4), a run says it is past --steps and trains nothing:
+    checkpoints and log stay as they were."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    before = digest(run / "checkpoints"), log_of(run)
+    r = cli(server, tmp_path, "train.py", *TRAIN, "--steps", "2", "--out", run)
+    assert r.rc == 0, r.err[-3000:]
+    assert f"{run} is at step 4, past --steps 2: nothing to train" in r.out, r.out
+    assert (digest(run / "checkpoints"), log_of(run)) == before

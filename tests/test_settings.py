@@ -123,3 +123,19 @@ def test_run_directory_of_an_earlier_version_resumes_and_evaluates(tmp_path, nam
                              "--dtype", "float32", "--out", str(tmp_path / "eval")])
     assert results["meta"]["step"] == 2 and results["meta"]["method"] == method
     assert set(results["datasets"]) == {"demo_opinion", "demo_order", "demo_kind"}
+
+
+def test_the_readme_lists_each_setting_in_its_resume_class():
+    """The README's table of which settings may change on resume names every flag of Config once: the identity
+    ones (setting(identity=...)) in its identity row, every other but --out in its may-change row."""
+    import dataclasses
+    import re
+    from runner.settings import IDENTITY
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    table = text[text.index("Which settings may change when a run resumes"):]
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][1:4]
+    identity, changeable = ({m.replace("-", "_") for m in re.findall(r"`--([a-z-]+)`", row)} for row in rows[:2])
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert identity == set(IDENTITY)
+    assert changeable == fields - set(IDENTITY) - {"out"}

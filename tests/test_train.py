@@ -192,6 +192,20 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert sorted(logged_losses(cfg.out)) == [1, 2, 3, 4]
 
 
+def test_a_nan_loss_after_resuming_names_the_checkpoint_it_resumed_from(tmp_path, monkeypatch):
+    """A non-finite loss at the first step after resuming from step 3 names that checkpoint as the one the run
+    resumed from, and calls no checkpoint intact."""
+    cfg = demo_cfg(tmp_path / "run", steps=3)
+    train.main(cfg)
+    original = train.loss_fn
+    monkeypatch.setattr(train, "loss_fn", lambda logits, batch, z_loss: tuple(
+        x * float("nan") for x in original(logits, batch, z_loss)))
+    with pytest.raises(FloatingPointError) as err:
+        train.main(demo_cfg(tmp_path / "run"))
+    assert f"resumed from {os.path.join(cfg.out, 'checkpoints', 'step_00000003')}" in str(err.value), err.value
+    assert "intact" not in str(err.value)
+
+
 def test_resume_after_a_hard_kill_relogs_nothing_twice(tmp_path):
     """Killed after logging step 5 but before its checkpoint: the resumed log holds steps 1-6 once, as uninterrupted."""
     import shutil
