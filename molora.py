@@ -1,6 +1,6 @@
 """MoLORA: a mixture of LoRA experts, and LoRA itself, added to a frozen model's linear layers from outside.
 
-Zadouri et al. 2023, "Pushing Mixture of Experts to the Limit" (arXiv 2309.05444), section 2.2; the original code is
+Zadouri et al. 2023, "Pushing Mixture of Experts to the Limit" (arXiv 2309.05444), section 2; the original code is
 for-ai/parameter-efficient-moe `src/molora.py`, `src/lora.py`, `configs/{molora,lora}.gin`, and the `lora` branch of
 its Flaxformer fork. This file imports only torch: copy it into another project as it is. For an adapted linear
 y = W x (E = experts, r = rank):

@@ -1,6 +1,6 @@
 """MoV: a mixture of (IA)3 vectors, and (IA)3 itself, added to a frozen model from outside.
 
-Zadouri et al. 2023, "Pushing Mixture of Experts to the Limit" (arXiv 2309.05444), section 2.1, equations 2-3; the
+Zadouri et al. 2023, "Pushing Mixture of Experts to the Limit" (arXiv 2309.05444), section 2; the
 original code is for-ai/parameter-efficient-moe `src/mov.py` (`MoV`, `MoVAttention`), `src/ia3.py` and
 `configs/{mov,ia3}.gin`. This file imports only torch: copy it into another project as it is. For every rescaled
 activation h (E = experts, d = features, H = heads):

@@ -1,9 +1,11 @@
 """What a training run shows while it runs: log.jsonl and the progress bar, and the signals that end it cleanly.
 
 T5X writes its training summaries every `log_every_steps` (the original's `scripts/*_train.sh`); here each logged
-step is one JSON line in the run directory (runner/rundir.py's log.jsonl): step, loss, z_loss, lr, tokens_per_s,
-examples_seen, and for mov / molora the routing health of routing.Monitor (router_entropy, expert_load_max,
-load_balance_loss). A non-finite loss stops the run before its next checkpoint.
+step (every --log-every, each checkpoint's, the last) is one JSON line in the run directory (runner/rundir.py's
+log.jsonl): step, loss (that step's), loss_mean (the mean since the line before, as T5X's summaries average),
+z_loss, lr, tokens_per_s, examples_seen, and for mov / molora that step's routing health (routing.Monitor:
+router_entropy, expert_load_max, load_balance_loss). A non-finite loss at any step stops the run before its next
+checkpoint.
 
     log = train_log.StepLog(cfg, step, xla=False)
     log.add(step, loss, z, examples, tokens); log.flush(); log.close()
@@ -53,7 +55,7 @@ class StepLog:
     def _write(self, entries, rate):
         values = torch.stack([torch.cat([torch.stack([l, z]).float()] + ([] if h is None else [h.float()]))
                               for _, l, z, _, h in entries]).cpu().tolist()  # one transfer
-        for (s, _, _, seen, _), (l, z, *health) in zip(entries, values):
+        for (s, *_), (l, *_) in zip(entries, values):  # every step is checked, only the logged one written
             if not math.isfinite(l):
                 found = rundir.checkpoints(self.cfg.out)
                 start = f"resumed from {self.resumed}" if self.resumed else "started from step 0"
@@ -61,9 +63,11 @@ class StepLog:
                     f"loss is {l} at step {s}; stopping before the next checkpoint (this run {start}; the newest "
                     f"checkpoint is {found[-1][1] if found else 'none yet'}). The same command with a lower --lr "
                     "or --dtype float32 resumes from the newest checkpoint with them")
-            self.last = {"step": s, "loss": l, "z_loss": z, "lr": self.cfg.lr, "tokens_per_s": round(rate, 1),
-                         "examples_seen": seen, **(self.monitor.fields(s, health) if health else {})}
-            self.file.write(json.dumps(self.last) + "\n")
+        (s, _, _, seen, _), (l, z, *health) = entries[-1], values[-1]
+        self.last = {"step": s, "loss": l, "loss_mean": sum(v[0] for v in values) / len(values), "z_loss": z,
+                     "lr": self.cfg.lr, "tokens_per_s": round(rate, 1), "examples_seen": seen,
+                     **(self.monitor.fields(s, health) if health else {})}
+        self.file.write(json.dumps(self.last) + "\n")
         self.file.flush()
         self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", tok_s=f"{rate:,.0f}")
 

@@ -149,18 +149,25 @@ def test_checkpoint_of_another_method_refuses_to_load(tmp_path):
         train.main(demo_cfg(tmp_path / "run", experts=4, steps=2))
 
 
-def test_log_lines_report_the_examples_seen_at_their_own_step(tmp_path):
-    """With a log interval of 3, each line's examples_seen equals that step's count in a log-every-step run."""
+def test_log_has_one_line_per_logged_step_with_that_steps_values(tmp_path):
+    """With a log interval of 3 (and checkpoints every 6), log.jsonl has a line for steps 3 and 6 only, each with that
+    step's loss and examples_seen from a log-every-step run, and loss_mean the mean of the losses since the line
+    before."""
     every = demo_cfg(tmp_path / "every")
     train.main(every)
     sparse = demo_cfg(tmp_path / "sparse", log_every=3, save_every=6)
     train.main(sparse)
 
-    def seen(out):
+    def lines(out):
         with open(os.path.join(out, "log.jsonl")) as f:
-            return {r["step"]: r["examples_seen"] for r in map(json.loads, f)}
-    assert seen(sparse.out) == seen(every.out)
-    assert sorted(seen(every.out).values()) == list(seen(every.out).values())
+            return {r["step"]: r for r in map(json.loads, f)}
+    dense, logged = lines(every.out), lines(sparse.out)
+    assert sorted(logged) == [3, 6] and sorted(dense) == [1, 2, 3, 4, 5, 6]
+    for step in (3, 6):
+        assert logged[step]["examples_seen"] == dense[step]["examples_seen"]
+        assert logged[step]["loss"] == pytest.approx(dense[step]["loss"], rel=1e-6)
+        assert logged[step]["loss_mean"] == pytest.approx(np.mean([dense[s]["loss"] for s in range(step - 2, step + 1)]),
+                                                          rel=1e-6)
 
 
 def test_sentence_routing_trains_on_minilm_embeddings(tmp_path):
