@@ -169,13 +169,13 @@ def format_routing(rows):
 
 
 # ----------------------------------------------------------------------------------------------- the demo's end
-def show_demo_answers(model, cfg, device, count=2):
+def show_demo_answers(model, cfg, device, autocast, count=2):
     """Print `count` held-out demo prompts (the first example of the first template of each of the first `count`
-    held-out datasets), the model's greedy answer and the expected one: what train.py's demo ends with."""
+    held-out datasets), the model's greedy answer and the expected one: what train.py's demo ends with, at the
+    run's precision (`autocast`: bf16 autocast or float32)."""
     sets = data.load_eval("demo", max_examples=1)
     items = [next(iter(templates.values()))[0] for templates in list(sets.values())[:count]]
     tok = Tokenizer(os.path.join(demo.demo_dir(), "spiece.model"))
-    autocast = build.autocast_enabled(cfg.dtype, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         answers = greedy(model, [it["inputs"] for it in items], max_new_tokens=8, input_length=cfg.input_length,
                          device=device, sentence_embeddings=_sentence_embeddings(model, [it["text"] for it in items]))

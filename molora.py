@@ -24,9 +24,10 @@ and the monitor); parameters `lora_A` ([E, d_in, r]; LoRA [d_in, r]), `lora_B` (
 `lora_router` ([d_in, E], the original's `router/.../kernel`) and `lora_router_bias`, in `adapter_param_names`.
 Freezing and stacking as mov.py's: a target that is itself a wrapper (in_features and out_features, e.g. mov.py's
 MoVLinear) is wrapped whole.
-Deliberate deviation: A x is formed for all experts at once [b, L, E, r], weighted by p, then contracted over (e, r)
-with B; the original forms every expert's output [b, L, E, d_out] and then mixes. The sum is the same, only
-rounding differs (the order only saves memory). Adapter parameters are float32 on the base weight's device.
+Deliberate deviation: A x is formed for all experts at once [b, L, E, r], weighted by p in float32, then contracted
+over (e, r) with B in the activation's dtype; the original forms every expert's output [b, L, E, d_out] and sums
+them weighted in float32. The sum is the same; under bf16 autocast the rounding differs (README: deviations).
+Adapter parameters are float32 on the base weight's device.
 """
 import contextlib
 import copy
@@ -94,6 +95,9 @@ class MoLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(*experts, rank, self.out_features, device=device))
         if num_experts is not None:
             self.router = copy.deepcopy(router) if router is not None else Router()
+            if self.router.input_dim is not None:
+                raise ValueError("MoLORA routes on its layer's input: a router reading another input (sentence_dim) "
+                                 "is for MoV layers; drop sentence_dim")
             self.lora_router = nn.Parameter(torch.empty(self.in_features, num_experts, device=device))
             nn.init.normal_(self.lora_router, std=0.02)
             bias = nn.Parameter(torch.zeros(num_experts, device=device)) if self.router.bias else None

@@ -70,7 +70,8 @@ def _fp32(device):
 
 class Router(nn.Module):
     """The paper's router: softmax(x @ kernel (+ bias)) in float32, as the original's `Router` ("selective
-    precision"); top_k keeps the k most probable experts and zeroes the rest without renormalising (`_top_k_mask`),
+    precision"); top_k keeps the k most probable experts and zeroes the rest without renormalising (its
+    `_top_k_mask`),
     so a top-k site starts at the kept probability mass, not the identity. Returns (probs, softmax)."""
     input_dim, bias = None, False  # the kernel reads the activation; no logit bias
 

@@ -49,7 +49,8 @@ def jitter_noise(x, jitter, rows=(0, 1)):
 class Router(nn.Module):
     """The original's router options around a layer file's paper router (`mov.Router` or `molora.Router`, which
     computes the float32 softmax and the top-k mask): the same contract, router(x, kernel, bias) -> (probs,
-    softmax), so any mov / molora layer takes it as `router=`."""
+    softmax), so any mov / molora layer takes it as `router=` (sentence_dim: MoV layers only; MoLORA routes on its
+    layer's input)."""
     rows = (0, 1)
 
     def __init__(self, router, *, jitter=0.0, bias=False, renormalize=False, sentence_dim=None):
@@ -68,8 +69,9 @@ class Router(nn.Module):
 
     def forward(self, x, kernel, bias=None):
         source = x if self.input_dim is None else self._embedding(x)  # [..., d] or [b, D]
-        if self.training and self.jitter:
-            source = source.float() * jitter_noise(source, self.jitter, self.rows)
+        if self.training and self.jitter:  # noise drawn in float32, as the original converts before drawing
+            source = source.float()
+            source = source * jitter_noise(source, self.jitter, self.rows)
         probs, full = self.router(source, kernel, bias)
         if self.renormalize and self.top_k is not None:
             probs = probs / probs.sum(-1, keepdim=True)

@@ -196,15 +196,15 @@ def run(cfg: Config) -> dict:
     autocast, activations = build.activations(cfg.dtype, device)
     settings = {**dataclasses.asdict(cfg), "activations": "bfloat16" if autocast else "float32",
                 "world_size": group.world_size}  # resolved, recorded; neither is part of the run's identity
-    saved = rundir.check_same_run(settings, cfg.out)  # another method, model, experts, seed, ...: refused
-    before = rundir.settings_at(saved).get("activations") if saved else None
+    record = rundir.check_same_run(settings, cfg.out)  # another method, model, experts, seed, ...: refused
+    earlier = rundir.settings_at(record) if record else {}  # the settings of the run's latest steps, if any
+    before = earlier.get("activations")
     if cfg.dtype == "auto" and before in ("float32", "bfloat16") and before != settings["activations"]:
         autocast, settings["activations"] = before == "bfloat16", before  # a resumed run keeps its precision
         activations = f"activations: {'bf16 autocast' if autocast else 'float32'} (--dtype auto: kept from {cfg.out})"
-    trained = rundir.trained_tasks(cfg.out)
-    if trained:  # another mixture is refused; the same tasks from elsewhere resume with a note
-        data.check_same_mixture(trained, rundir.settings_at(saved)["data"] if saved else None, cfg.data, cfg.out,
-                                say)
+    tasks = rundir.trained_tasks(cfg.out)
+    if tasks:  # another mixture is refused; the same tasks from elsewhere resume with a note
+        data.check_same_mixture(tasks, earlier.get("data"), cfg.data, cfg.out, say)
 
     # --- what the run reads, the backbone's files and the data source, both looked up before either is loaded, so
     #     that one run of the command names every missing input
@@ -219,7 +219,8 @@ def run(cfg: Config) -> dict:
 
     # --- model: backbone, adapters (base weights frozen), sharded over the mesh on XLA
     model = build.build_model(cfg, device if not xla else torch.device("cpu"))  # unwrapped: saved, evaluated
-    say(activations + build.use_cpu_threads(model, device, cfg.threads) + distributed.describe(group))
+    say(activations + build.use_cpu_threads(model, device, cfg.threads, kept=earlier.get("cpu_threads")) +
+        distributed.describe(group))
     settings["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
     if xla:
         mesh = sharding.make_mesh(cfg.fsdp)
@@ -246,7 +247,7 @@ def run(cfg: Config) -> dict:
     step, resumed = rundir.resume(cfg.out, model, optimizer, mixture.load_state_dict, log=say)
     for param_group in optimizer.param_groups:  # the checkpoint's values give way to this command's settings
         param_group["lr"], param_group["step_offset"] = cfg.lr, cfg.adafactor_step_offset
-    record = rundir.resumed_record(saved, settings, step)
+    record = rundir.resumed_record(record, settings, step)
     if group.main:
         rundir.write_config(cfg.out, record)
         rundir.prune(cfg.out, cfg.keep, step)  # a smaller --keep, or a kill while pruning
@@ -268,11 +269,11 @@ def run(cfg: Config) -> dict:
                torch.from_numpy(v).to(device) for k, v in batch.items()}
         return sharding.shard_batch(out, mesh) if xla else out
 
-    trained = distributed.wrap(model, group, device)  # DDP all-reduces the trainable parameters' gradients
+    stepped = distributed.wrap(model, group, device)  # DDP all-reduces the trainable parameters' gradients
     if cfg.compile:
-        trained = build.compiled(trained)  # the first step compiles; `model` stays eager
+        stepped = build.compiled(stepped)  # the first step compiles; `model` stays eager
     monitor = routing.Monitor(model, aux_loss=cfg.load_balance_weight > 0)  # mov / molora: routing health
-    step_fn = lambda batch, shares: train_step(trained, optimizer, batch, cfg, autocast, group, shares,  # noqa: E731
+    step_fn = lambda batch, shares: train_step(stepped, optimizer, batch, cfg, autocast, group, shares,  # noqa: E731
                                                monitor)
     if xla:
         import torch_xla
@@ -286,7 +287,7 @@ def run(cfg: Config) -> dict:
         distributed.barrier(group)  # no process goes on (or reads it) before the checkpoint is complete
 
     # --- loop: step, log, checkpoint; SIGINT/SIGTERM end it with a checkpoint
-    log, saved = train_log.StepLog(cfg, step, xla, group.main, monitor, resumed), step
+    log, last_saved = train_log.StepLog(cfg, step, xla, group.main, monitor, resumed), step
     model.train()
     try:
         with train_log.stop_on_signals() as stop:
@@ -301,12 +302,13 @@ def run(cfg: Config) -> dict:
                     log.flush()
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     checkpoint()
-                    saved = step
-            if step != saved:  # stopped by a signal between checkpoints
+                    last_saved = step
+            if step != last_saved:  # stopped by a signal between checkpoints
                 log.flush()
                 checkpoint()
     finally:
         log.close()
+        monitor.close()  # the routers' hooks: an evaluation after training (or a caller) runs without them
     distributed.close(group)
     result = {"step": step, "last": log.last, "signal": stop["signal"]}
     if stop["signal"] is not None:
@@ -315,7 +317,6 @@ def run(cfg: Config) -> dict:
         return result
 
     # --- evaluation of the trained adapters on the held-out tasks
-    monitor.close()
     if cfg.evaluate and group.main:
         import evaluate
         from runner import report
@@ -331,7 +332,7 @@ def run(cfg: Config) -> dict:
         print(report.format_table(result["eval"]))
         if cfg.data == "demo":
             import generate  # the demo ends by asking its model two held-out prompts (generate.py)
-            generate.show_demo_answers(model, cfg, device)
+            generate.show_demo_answers(model, cfg, device, autocast)
     return result
 
 

@@ -97,31 +97,41 @@ def autocast_enabled(dtype: str, device: torch.device) -> bool:
 ONE_THREAD_BELOW = 10_000_000  # parameters
 
 
-def busy_cores(seconds=0.25, stat="/proc/stat"):
-    """How many cores other processes keep busy now: the machine's non-idle CPU time over `seconds`, in cores
-    (rounded; 0 where /proc/stat does not exist). This process sleeps while it samples."""
-    def read():
+def busy_cores(cpus=None, seconds=0.25, stat="/proc/stat"):
+    """How many of the cores `cpus` (default: those this process may run on) other processes keep busy now: their
+    non-idle time over `seconds`, from /proc/stat's per-core lines, in cores (rounded; 0 where /proc/stat does not
+    exist). This process sleeps while it samples."""
+    cpus = set(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)) \
+        if cpus is None else set(cpus)
+
+    def read():  # {core: (total, idle + iowait)}
         with open(stat) as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+            rows = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+        return {int(r[0][3:]): (sum(map(int, r[1:])), int(r[4]) + int(r[5] if len(r) > 5 else 0)) for r in rows}
     if not os.path.exists(stat):
         return 0
-    (total0, idle0), _ = read(), time.sleep(seconds)
-    total1, idle1 = read()
-    cores = os.cpu_count() or 1
-    return round(cores * (1 - (idle1 - idle0) / max(total1 - total0, 1)))
+    before, _ = read(), time.sleep(seconds)
+    after = read()
+    busy = 0.0
+    for core in cpus & set(before) & set(after):
+        total, idle = (after[core][i] - before[core][i] for i in (0, 1))
+        busy += 1 - idle / max(total, 1)
+    return round(busy)
 
 
-def cpu_threads(model: torch.nn.Module, threads=None) -> tuple[int, str]:
+def cpu_threads(model: torch.nn.Module, threads=None, kept=None) -> tuple[int, str]:
     """(threads, a line saying why) for training or scoring `model` on the CPU: --threads, else OMP_NUM_THREADS,
-    else one thread for a model under ONE_THREAD_BELOW parameters, else the cores this process may use that no
-    other process is busy on at the start (at least one). Torch's default, one thread per core, slows a step many
-    times over when another process holds one of them: every parallel region waits at its barrier for the thread
-    that shares a core."""
+    else the count a resumed run used (`kept`: the thread count changes float sums, so a resume keeps it), else one
+    thread for a model under ONE_THREAD_BELOW parameters, else the cores this process may use that no other process
+    is busy on at the start (at least one). Torch's default, one thread per core, slows a step many times over when
+    another process holds one of them: every parallel region waits at its barrier for the thread that shares a
+    core."""
     if threads is not None:
         return threads, f"threads: {threads} (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS)"
+    if isinstance(kept, int) and kept > 0:
+        return kept, f"threads: {kept} (kept from the run's earlier steps; --threads N)"
     params = sum(p.numel() for p in model.parameters())
     if params < ONE_THREAD_BELOW:
         return 1, f"threads: 1 (a model of {params / 1e6:.1f}M parameters gains little from more; --threads N)"
@@ -131,11 +141,11 @@ def cpu_threads(model: torch.nn.Module, threads=None) -> tuple[int, str]:
     return usable - busy, f"threads: {usable - busy} ({why}; --threads N)"
 
 
-def use_cpu_threads(model: torch.nn.Module, device: torch.device, threads=None) -> str:
-    """On the CPU, set torch's thread count by `cpu_threads` and return its line (", threads: ..."); "" elsewhere."""
+def use_cpu_threads(model: torch.nn.Module, device: torch.device, threads=None, kept=None) -> str:
+    """On the CPU, set torch's thread count by `cpu_threads` and return its line ("; threads: ..."); "" elsewhere."""
     if device.type != "cpu":
         return ""
-    n, line = cpu_threads(model, threads)
+    n, line = cpu_threads(model, threads, kept)
     torch.set_num_threads(n)
     return "; " + line
 

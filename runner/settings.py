@@ -155,8 +155,8 @@ class Config(ModelSettings):
                                               "checkpoint's step 1.1M)")
     z_loss: float = setting(1e-4, "coefficient of the output-logit z-loss (t5x/losses.py)")
     # the hardware
-    dtype: str = setting("auto", "activations: auto (bf16 autocast on accelerators and CPUs with native bf16, else "
-                                 "fp32), float32 or bfloat16", ("auto", "float32", "bfloat16"))
+    dtype: str = setting("auto", "activations: auto (bf16 autocast on a GPU or TPU, float32 on every CPU), float32 "
+                                 "or bfloat16", ("auto", "float32", "bfloat16"))
     device: str = setting("auto", "auto (TPU through torch-xla, then CUDA, then CPU), cpu, cuda or xla",
                           ("auto", "cpu", "cuda", "xla"))
     threads: Optional[int] = setting(None, "CPU threads (default: 1 for a model under 10M parameters, else the cores "

@@ -1,5 +1,5 @@
-"""runner/build.py: --dtype auto (bf16 autocast on accelerators and on CPUs with native bf16 matmuls, float32 on
-other CPUs; printed at the start of training and recorded in config.json), and models built from settings (the
+"""runner/build.py: --dtype auto (bf16 autocast on accelerators, float32 on every CPU; printed at the start of
+training and recorded in config.json), the CPU thread rule, and models built from settings (the
 run's dropout on a loaded checkpoint, MoLORA's top-k)."""
 import dataclasses
 import json
@@ -81,16 +81,34 @@ def test_thread_rule(monkeypatch):
     assert "OMP_NUM_THREADS" in build.cpu_threads(big_model())[1]
 
 
-def test_busy_cores_reads_the_machines_idle_time(tmp_path, monkeypatch):
-    """busy_cores is the non-idle share of the CPU time that passed while it slept, times the cores: 2 cores whose
-    counters advance by 200 jiffies, 100 of them idle or iowait, have one busy core."""
+def test_busy_cores_reads_the_idle_time_of_this_processs_cores(tmp_path, monkeypatch):
+    """busy_cores sums, over the cores this process may use, the non-idle share of the time that passed while it
+    slept: core 0 fully busy (+100 jiffies, none idle) and core 1 idle (+100, all idle or iowait) make one busy core
+    of the two, and none when the process may use core 1 only; no /proc/stat, none."""
     stat = tmp_path / "stat"
-    stat.write_text("cpu  100 0 100 1000 50 0 0 0 0 0\ncpu0 50 0 50 500 25 0 0 0 0 0\n")
-    later = "cpu  160 0 140 1080 70 0 0 0 0 0\ncpu0 80 0 70 540 35 0 0 0 0 0\n"  # +200 in all, +100 idle/iowait
-    monkeypatch.setattr(build.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(build.time, "sleep", lambda s: stat.write_text(later))
-    assert build.busy_cores(stat=str(stat)) == 1
+    stat.write_text("cpu  300 0 100 2000 50 0 0 0 0 0\ncpu0 150 0 50 1000 25 0 0 0 0 0\n"
+                    "cpu1 150 0 50 1000 25 0 0 0 0 0\n")
+    later = ("cpu  400 0 100 2080 70 0 0 0 0 0\ncpu0 250 0 50 1000 25 0 0 0 0 0\n"
+             "cpu1 150 0 50 1080 45 0 0 0 0 0\n")
+    first = stat.read_text()
+
+    def sample(seconds):  # the second reading comes after the sleep
+        stat.write_text(later)
+    monkeypatch.setattr(build.time, "sleep", sample)
+    assert build.busy_cores({0, 1}, stat=str(stat)) == 1
+    stat.write_text(first)
+    assert build.busy_cores({1}, stat=str(stat)) == 0
+    stat.write_text(first)
+    assert build.busy_cores({0}, stat=str(stat)) == 1
     assert build.busy_cores(stat=str(tmp_path / "none")) == 0
+
+
+def test_a_resumed_run_keeps_its_thread_count(monkeypatch):
+    """The thread count a run recorded is kept when it resumes (sums depend on it), unless --threads says otherwise."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(build, "busy_cores", lambda: 0)
+    assert build.cpu_threads(big_model(), kept=3)[0] == 3 and "kept" in build.cpu_threads(big_model(), kept=3)[1]
+    assert build.cpu_threads(big_model(), threads=2, kept=3)[0] == 2
 
 
 def test_molora_accepts_top_k_and_dropout_mask_reaches_the_model():

@@ -373,8 +373,9 @@ def test_item_without_correct_choice_counts_wrong(tmp_path):
     model = tiny_model()
     results = evaluate.evaluate(model, sets, input_length=16, target_length=8, device=torch.device("cpu"),
                                 out_dir=str(tmp_path / "out"), progress=False)
-    scores = evaluate.score_choices(model, [it["inputs"] for it in items], [it["choices"] for it in items],
-                                    input_length=8, target_length=8)
+    with torch.no_grad():  # brute force: one unpadded forward per choice, its summed token log-probabilities
+        scores = [[model(torch.tensor([it["inputs"]]), torch.tensor([[0] + c[:-1]]))[0].log_softmax(-1)
+                   [torch.arange(len(c)), torch.tensor(c)].sum().item() for c in it["choices"]] for it in items]
     right = sum(it["label"] is not None and int(np.argmax(s)) == it["label"] for s, it in zip(scores, items))
     task = results["tasks"]["rte"][config]
     assert task["no_correct"] == 1 and task["accuracy"] == pytest.approx(100.0 * right / 4)

@@ -93,29 +93,32 @@ def test_monitor_balance_loss_is_the_mean_over_sites(method):
 
 
 # ----------------------------------------------------------------------------------------------- jitter and bias
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("make", [
     lambda router: mov.MoVActivation(nn.Identity(), dim=6, num_experts=4, router=router(mov)),
     lambda router: molora.MoLoRALinear(nn.Linear(6, 5), num_experts=4, router=router(molora)),
 ])
-def test_jitter_is_multiplicative_uniform_noise_in_training_only(make):
-    """With jitter=eps the router reads x * u, u ~ U[1-eps, 1+eps] per element, in train mode only: in eval mode the
-    output equals the jitter-free layer's, in train mode the routing is softmax((x * u) @ W_r)."""
+def test_jitter_is_multiplicative_uniform_noise_in_training_only(make, dtype):
+    """With jitter=eps the router reads x * u, u ~ U[1-eps, 1+eps] per element drawn in float32 (as the original
+    converts the input before drawing), in train mode only: in eval mode the output equals the jitter-free layer's,
+    in train mode the routing is softmax((x * u) @ W_r) in float32, for a float32 and a bf16 activation."""
     plain, jittered = make(lambda f: f.Router()), make(lambda f: routing.Router(f.Router(), jitter=0.3))
     router = "mov_router" if hasattr(plain, "mov_router") else "lora_router"
     with torch.no_grad():
         for p in plain.parameters():  # experts / B away from their identity init, so that routing matters
             p.normal_(0.0, 1.0)
     jittered.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 7, 6)
+    plain, jittered = plain.to(dtype), jittered.to(dtype)
+    x = torch.randn(2, 7, 6).to(dtype)
     jittered.eval()
     assert torch.equal(jittered(x), plain.eval()(x))
     jittered.train()
     torch.manual_seed(5)
-    u = torch.empty_like(x).uniform_(0.7, 1.3)
+    u = torch.empty(2, 7, 6).uniform_(0.7, 1.3)  # float32
     torch.manual_seed(5)
     with routing.record(jittered, [""]) as seen:
         out = jittered(x)
-    expected = torch.softmax((x * u) @ getattr(plain, router).detach(), -1)
+    expected = torch.softmax((x.float() * u) @ getattr(plain, router).detach().float(), -1)
     torch.testing.assert_close(seen[""], expected)
     assert not torch.allclose(out, plain(x))
 
@@ -184,13 +187,16 @@ def test_molora_top_k_matches_loop(k):
 # ----------------------------------------------------------------------------------------------- options off
 @pytest.mark.parametrize("method", ["mov", "molora"])
 def test_options_off_and_observation_leave_the_logits_bit_identical(method):
-    """All options off (the defaults), with the training monitor attached (statistics and the load-balancing loss
-    recorded), the logits are bitwise those of the model without it, in train mode too (same dropout draws)."""
+    """routing.Router with every option off around the paper's router, with the training monitor attached
+    (statistics and the load-balancing loss recorded), gives bitwise the logits of the paper's router alone, in
+    train mode too (same dropout draws)."""
     base = tiny_t5()
+    layer_file = mov if method == "mov" else molora
     torch.manual_seed(3)
     plain = randomise_routers(add(method)(copy.deepcopy(base), E))
     torch.manual_seed(3)
-    watched = randomise_routers(add(method)(copy.deepcopy(base), E, top_k=None))
+    watched = randomise_routers(add(method)(copy.deepcopy(base), E, router=routing.Router(layer_file.Router())))
+    assert all(isinstance(m.router, routing.Router) for m in routing.routed_layers(watched).values())
     with torch.no_grad():
         for p, q in zip(plain.parameters(), watched.parameters()):
             q.copy_(p)

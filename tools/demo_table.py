@@ -7,7 +7,7 @@ on what the same tasks give without it. For each held-out template (the demo's `
   - chance: the mean over its examples of 1 / (number of choices);
   - majority answer: the accuracy of always picking the answer that is most often correct in the template, by its
     text or by its position, whichever scores more (a model that learned only the answer prior scores this);
-  - untrained backbone: `evaluate.py --model tiny` (the demo's random backbone, no adapters);
+  - untrained backbone: `evaluate.py --model tiny --seed S` (the random backbone the run of seed S adapts);
   - the demo itself, `train.py --preset demo --experts 30 --seed S` for each seed (or the runs already under --out).
 Each row is a dataset's median over templates, as the paper's table (runner/report.py), and the average.
 
@@ -59,15 +59,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     rows = baselines(args.max_examples)
     name = f"eval-max{args.max_examples}.json"
-    backbone = os.path.join(args.out, "untrained")
-    if not os.path.exists(os.path.join(backbone, name)):
-        run(["evaluate.py", "--model", "tiny", "--data", "demo", "--max-examples", str(args.max_examples),
-             "--device", "cpu", "--dtype", "float32", "--out", backbone])
-    for label, path in [("untrained backbone", backbone)] + [
-            (f"mov-30, seed {s}", os.path.join(args.out, f"seed-{s}")) for s in args.seeds.split(",")]:
+    seeds = args.seeds.split(",")
+    runs = [(f"untrained backbone, seed {s}", os.path.join(args.out, f"untrained-seed-{s}"), "untrained", s)
+            for s in seeds] + [(f"mov-30, seed {s}", os.path.join(args.out, f"seed-{s}"), "mov-30", s) for s in seeds]
+    for label, path, kind, seed in runs:
         if not os.path.exists(os.path.join(path, name)):
-            run(["train.py", "--experts", "30", "--preset", "demo", "--seed", label.rsplit(" ", 1)[-1],
-                 "--eval-max-examples", str(args.max_examples), "--out", path])
+            if kind == "untrained":  # --seed also draws the random backbone: the one seed S's run adapts
+                run(["evaluate.py", "--model", "tiny", "--seed", seed, "--data", "demo", "--max-examples",
+                     str(args.max_examples), "--device", "cpu", "--dtype", "float32", "--out", path])
+            else:
+                run(["train.py", "--experts", "30", "--preset", "demo", "--seed", seed, "--eval-max-examples",
+                     str(args.max_examples), "--out", path])
         with open(os.path.join(path, name)) as f:
             rows[label] = {d: {t: r["accuracy"] for t, r in ts.items()} for d, ts in json.load(f)["tasks"].items()}
     keys = report.ordered(next(iter(rows.values())))
