@@ -181,8 +181,8 @@ def test_show_demo_answers_prints_held_out_prompts_and_expected(capsys):
     expected choice."""
     import data
     model = tiny_mov()
-    generate.show_demo_answers(model, types.SimpleNamespace(dtype="float32", input_length=128, out="runs/x"),
-                               torch.device("cpu"))
+    generate.show_demo_answers(model, types.SimpleNamespace(input_length=128, out="runs/x"), torch.device("cpu"),
+                               autocast=False)
     printed, tok = capsys.readouterr().out, vocab()
     items = [next(iter(ts.values()))[0] for ts in list(data.load_eval("demo", max_examples=1).values())[:2]]
     for it in items:
