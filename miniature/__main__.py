@@ -116,10 +116,12 @@ def main(argv=None):
             print(f"pilot {r['name']}: held-in val {r['val']:.1f}, dev {r['dev']['average']:.1f}")
     lrs = {}
     if args.stage in ("sweep", "report"):
-        lrs, _ = sw.learning_rates()
+        lrs = sw.learning_rates()
         print(f"learning rates (held-in validation): {lrs}")
-        sw.main_runs(lrs)
+        seeds = config.settings(args.size)["sweep"]["seeds"]
+        sw.main_runs(lrs, seeds[:1])  # seed 0 of every method, then the ceiling, then the other seeds
         sw.ceiling(lrs)
+        sw.main_runs(lrs, seeds[1:])
     state["wall_seconds"] += time.time() - t0
     state["lrs"] = lrs or state.get("lrs", {})
     with open(state_path, "w") as f:

@@ -124,54 +124,61 @@ class Sweep:
         return _read(os.path.join(out, "eval.json"))
 
     def train_run(self, name, method, lr, seed, stage, data=None, test=True, dev=False):
-        """Train (or resume) one run, pick its step on held-in validation, evaluate it; returns result.json."""
+        """Train (or resume) one run, pick its step on held-in validation, evaluate it on the dev and / or test
+        split; result.json accumulates, so a later call adds only the evaluations a run still lacks."""
         run_dir = os.path.join(self.root, "runs", f"{stage}-{name}-lr{lr:g}-s{seed}")
         result_path = os.path.join(run_dir, "result.json")
-        if os.path.exists(result_path):
-            res = _read(result_path)
-            if res.get("hash") == self.hash:
-                return res
+        result = _read(result_path) if os.path.exists(result_path) else {}
+        if result.get("hash") != self.hash:
+            result = {}
+        if result and (not dev or "dev" in result) and (not test or "test" in result):
+            return result
         os.makedirs(run_dir, exist_ok=True)
         log_path = os.path.join(run_dir, "sweep.log")
         spec, r = self.spec(method), self.s["recipe"]
-        sentence = spec.get("router_input") == "sentence"
-        cmd = [sys.executable, "train.py", "--model", self.model, "--data", data or self.data,
-               "--method", spec["method"], "--lr", f"{lr:g}", "--seed", str(seed), "--steps", str(r["steps"]),
-               "--save-every", str(r["save_every"]), "--keep", "100", "--log-every", "25", "--dtype", "float32",
-               "--device", "cpu", "--adafactor-step-offset", "0", "--out", os.path.join(run_dir, "train"),
-               "--batch-size", str(r["sentence_batch_size" if sentence else "batch_size"]),
-               "--input-length", str(r["sentence_input_length" if sentence else "input_length"]),
-               "--target-length", str(r["sentence_target_length" if sentence else "target_length"])]
-        for key in ("experts", "rank", "top_k", "router_input"):
-            if spec.get(key) is not None:
-                cmd += [f"--{key.replace('_', '-')}", str(spec[key])]
         t0 = time.time()
-        _run(cmd, log_path)
-        train_s = time.time() - t0
-        steps = list(range(r["save_every"], r["steps"] + 1, r["save_every"]))
-        curve = {}
-        for step in steps:
-            out = os.path.join(run_dir, f"val-{step}")
-            res = self._eval(["--run", os.path.join(run_dir, "train"), "--step", str(step)], out, log_path,
-                             self.val_sets)
-            curve[step] = res["average"]
-        best = max(steps, key=lambda k: (curve[k], -k))
-        result = {"hash": self.hash, "name": name, "method": method, "spec": spec, "lr": lr, "seed": seed,
-                  "stage": stage, "data": os.path.basename(data or self.data), "val_curve": curve, "best_step": best,
-                  "val": curve[best], "train_seconds": train_s, "command": " ".join(cmd)}
-        routed = spec["method"] in ("mov", "molora")
-        if dev:
-            res = self._eval(["--run", os.path.join(run_dir, "train"), "--step", str(best)],
-                             os.path.join(run_dir, "dev"), log_path, self.dev_sets)
+        if not result:
+            sentence = spec.get("router_input") == "sentence"
+            cmd = [sys.executable, "train.py", "--model", self.model, "--data", data or self.data,
+                   "--method", spec["method"], "--lr", f"{lr:g}", "--seed", str(seed), "--steps", str(r["steps"]),
+                   "--save-every", str(r["save_every"]), "--keep", "100", "--log-every", "20", "--dtype", "float32",
+                   "--device", "cpu", "--adafactor-step-offset", "0", "--out", os.path.join(run_dir, "train"),
+                   "--batch-size", str(r["sentence_batch_size" if sentence else "batch_size"]),
+                   "--input-length", str(r["sentence_input_length" if sentence else "input_length"]),
+                   "--target-length", str(r["sentence_target_length" if sentence else "target_length"])]
+            for key in ("experts", "rank", "top_k", "router_input"):
+                if spec.get(key) is not None:
+                    cmd += [f"--{key.replace('_', '-')}", str(spec[key])]
+            _run(cmd, log_path)
+            train_s = time.time() - t0
+            steps = list(range(r["save_every"], r["steps"] + 1, r["save_every"]))
+            curve = {}
+            for step in steps:
+                res = self._eval(["--run", os.path.join(run_dir, "train"), "--step", str(step)],
+                                 os.path.join(run_dir, f"val-{step}"), log_path, self.val_sets)
+                curve[str(step)] = res["average"]
+            best = max(steps, key=lambda k: (curve[str(k)], -k))
+            result = {"hash": self.hash, "name": name, "method": method, "spec": spec, "lr": lr, "seed": seed,
+                      "stage": stage, "data": os.path.basename(data or self.data), "val_curve": curve,
+                      "best_step": best, "val": curve[str(best)], "train_seconds": train_s, "command": " ".join(cmd),
+                      "wall_seconds": 0.0}
+            _write(result_path, result)
+        args = ["--run", os.path.join(run_dir, "train"), "--step", str(result["best_step"])]
+        if dev and "dev" not in result:
+            res = self._eval(args, os.path.join(run_dir, "dev"), log_path, self.dev_sets)
             result["dev"] = {"average": res["average"], "columns": res["columns"]}
-        if test:
-            res = self._eval(["--run", os.path.join(run_dir, "train"), "--step", str(best)],
-                             os.path.join(run_dir, "test"), log_path, routing=routed)
+        if test and "test" not in result:
+            routed = spec["method"] in ("mov", "molora")
+            res = self._eval(args, os.path.join(run_dir, "test"), log_path, routing=routed)
             result["test"] = {"average": res["average"], "columns": res["columns"], "tasks": res["tasks"]}
             if routed and "routing" in res:
                 result["routing"] = res["routing"]
-        result["wall_seconds"] = time.time() - t0
+        result["wall_seconds"] = result.get("wall_seconds", 0.0) + time.time() - t0
         _write(result_path, result)
+        self.log(f"{stage}-{name} lr {lr:g} seed {seed}: held-in val {result['val']:.1f}" +
+                 (f", dev {result['dev']['average']:.1f}" if "dev" in result else "") +
+                 (f", test {result['test']['average']:.1f}" if "test" in result else "") +
+                 f" ({result['wall_seconds'] / 60:.1f} min)")
         return result
 
     def untuned(self):
@@ -215,28 +222,29 @@ class Sweep:
         return results
 
     def pilot(self):
+        """MoV-10 and full fine-tuning, seed 0, on the dev split (the same runs serve the main table later)."""
         lr = self.s["sweep"]["pilot_lr"]
-        jobs = [lambda: self.train_run("mov-10", "mov-10", lr["mov"], 0, "pilot", test=False, dev=True),
-                lambda: self.train_run("full", "full", lr["full"], 0, "pilot", test=False, dev=True)]
+        jobs = [lambda: self.train_run("mov-10", "mov-10", lr["mov"], 0, "main", test=False, dev=True),
+                lambda: self.train_run("full", "full", lr["full"], 0, "main", test=False, dev=True)]
         return self.parallel(jobs)
 
     def learning_rates(self):
-        """{family: lr} from the representatives' held-in validation (seed 0); also returns their results."""
+        """{family: lr} from the representatives' held-in validation (seed 0); no held-out split is read."""
         jobs, keys = [], []
         for family, rep in config.REPRESENTATIVE.items():
             for lr in self.grid[family]:
-                jobs.append(lambda rep=rep, lr=lr: self.train_run(rep, rep, lr, 0, "main"))
+                jobs.append(lambda rep=rep, lr=lr: self.train_run(rep, rep, lr, 0, "main", test=False))
                 keys.append((family, lr))
         results = self.parallel(jobs)
         best = {}
         for (family, lr), res in zip(keys, results):
             if res and "val" in res and (family not in best or res["val"] > best[family][1]):
                 best[family] = (lr, res["val"])
-        return {f: v[0] for f, v in best.items()}, results
+        return {f: v[0] for f, v in best.items()}
 
-    def main_runs(self, lrs):
+    def main_runs(self, lrs, seeds):
         jobs = []
-        for seed in self.s["sweep"]["seeds"]:
+        for seed in seeds:
             for name, spec in config.METHODS.items():
                 lr = lrs.get(spec["family"])
                 if lr is not None:

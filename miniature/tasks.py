@@ -70,7 +70,8 @@ def _other_value(w, who, s, rel, rng):
     if rel in ("pet", "food"):
         cur = getattr(w.people[s], rel)
         kinds = ("bird", "fish") if rel == "pet" else ("fruit",)
-        return rng.choice([t for t in w.things if w.things[t].kind in kinds and t != cur])
+        split = w.people[s].split  # a wrong pet or fruit of the person's own split: no entity crosses splits
+        return rng.choice([t for t in w.things if w.things[t].kind in kinds and t != cur and w.things[t].split == split])
     cur = getattr(w.things[s] if who == "thing" else w.people[s], rel)
     return rng.choice([v for v in VALUES[rel] if v != cur])
 
@@ -105,8 +106,10 @@ def held_in_example(dataset, template, w, split, rng):
             who, s, rel = _relation_pick(w, split, rng)
             n = rng.choice([2, 3, 4])
             wrong = set()
-            while len(wrong) < n - 1:
+            for _ in range(100):  # as many wrong values as the relation has (a split holds 3 fruits)
                 wrong.add(_other_value(w, who, s, rel, rng))
+                if len(wrong) == n - 1:
+                    break
             true = _fact_sentence(w, who, s, rel, rng)
             choices = [true] + [_same_frame(true, w, who, s, rel, v) for v in sorted(wrong)]
             rng.shuffle(choices)
