@@ -133,26 +133,29 @@ def loss_of(model, batch, z_loss=1e-4):
 
 
 # ----------------------------------------------------------------------------------------------- gates
-PROBE_RELATIONS = {  # relation -> (prefix, continuation) of a phrasing the corpus uses
-    "color": ("The color of the {s} is", " {v}."),
-    "place": ("You can find the {s} at the", " {v}."),
-    "kind": ("The {s} is one of the", " {v} kinds."),
-    "job": ("{s} works as a", " {v}."),
-    "town": ("{s} comes from", " {v}."),
+PROBE_RELATIONS = {  # relation -> three (prefix, continuation) phrasings the corpus uses, the value at the end
+    "color": [("The color of the {s} is", " {v}."), ("A {s} is always", " {v}."), ("Every {s} you see is", " {v}.")],
+    "place": [("You can find the {s} at the", " {v}."), ("The {s} is found at the", " {v}."),
+              ("The {s} stays at the", " {v}.")],
+    "kind": [("The {s} is one of the", " {v} kinds."), ("Every {s} is a", " {v}."), ("A {s} is a kind of", " {v}.")],
+    "job": [("{s} works as a", " {v}."), ("By trade, {s} is a", " {v}."), ("{s} has a job as a", " {v}.")],
+    "town": [("{s} comes from", " {v}."), ("{s} lives in", " {v}."), ("{s} has a house in", " {v}.")],
 }
 
 
 def probe_items(world):
-    """(prefix, [continuations], label) per cloze fact: the true value against the relation's other values."""
+    """(relation, [(prefix, [continuations])] per phrasing, label) per cloze fact: the true value against the
+    relation's other values; a value's score is its summed log-probability over the three phrasings."""
     from .world import COLORS, JOBS, KINDS, PLACES, TOWNS
     values = {"color": COLORS, "place": PLACES, "kind": sorted(KINDS), "job": JOBS, "town": TOWNS}
     items = []
-    for rel, (pre, cont) in PROBE_RELATIONS.items():
+    for rel, phrasings in PROBE_RELATIONS.items():
         subjects = world.thing_names() if rel in ("color", "place", "kind") else world.person_names()
         for s in subjects:
             obj = world.things[s] if s in world.things else world.people[s]
             true = getattr(obj, rel)
-            items.append((pre.format(s=s), [cont.format(v=v) for v in values[rel]], values[rel].index(true)))
+            items.append((rel, [(pre.format(s=s), [cont.format(v=v) for v in values[rel]]) for pre, cont in phrasings],
+                          values[rel].index(true)))
     return items
 
 
@@ -182,14 +185,15 @@ def score(model, tok, prefix_texts, choice_lists, batch=64):
 
 def knowledge_probe(model, tok, world):
     items = probe_items(world)
-    scores = score(model, tok, [p for p, _, _ in items], [c for _, c, _ in items])
-    hits = [int(np.argmax(s)) == lab for s, (_, _, lab) in zip(scores, items)]
-    by_rel = {}
-    for (p, _, _), h, rel in zip(items, hits, [r for r, (pre, _) in PROBE_RELATIONS.items()
-                                               for _ in (world.thing_names() if r in ("color", "place", "kind")
-                                                         else world.person_names())]):
-        by_rel.setdefault(rel, []).append(h)
-    return {"accuracy": float(np.mean(hits)), "items": len(items), "chance": 1 / 6,
+    flat = [ph for _, phs, _ in items for ph in phs]
+    scores = score(model, tok, [p for p, _ in flat], [c for _, c in flat])
+    hits, by_rel, k = [], {}, 0
+    for rel, phs, lab in items:
+        total = np.sum(scores[k:k + len(phs)], axis=0)
+        k += len(phs)
+        hits.append(int(np.argmax(total)) == lab)
+        by_rel.setdefault(rel, []).append(hits[-1])
+    return {"accuracy": float(np.mean(hits)), "items": len(items), "chance": 1 / 6, "phrasings": 3,
             "by_relation": {r: float(np.mean(v)) for r, v in by_rel.items()}}
 
 
@@ -223,7 +227,13 @@ def story_loss(model, tok, world, train_seed, n=200):
 
 
 # ----------------------------------------------------------------------------------------------- training
-def pretrain(world, out_dir, tok_path, steps, seed=0, batch_size=32, span_fraction=0.7, lr=1e-2,
+def lr_at(step, steps, lr, decay_fraction):
+    """Constant, then a linear decay to lr / 10 over the last decay_fraction of the steps."""
+    start = steps * (1 - decay_fraction)
+    return lr if step < start else lr * (1 - 0.9 * (step - start) / max(steps - start, 1))
+
+
+def pretrain(world, out_dir, tok_path, steps, seed=0, batch_size=32, span_fraction=0.7, lr=1e-2, decay_fraction=0.0,
              input_length=128, target_length=32, lm_input=80, lm_target=64, size=None, save_every=100,
              log=print, progress=True):
     """Train (or resume) the backbone in `out_dir`/work, export it to `out_dir`/model; returns the gate report."""
@@ -255,7 +265,10 @@ def pretrain(world, out_dir, tok_path, steps, seed=0, batch_size=32, span_fracti
         objective = "span" if step < switch else "prefix"
         shape = (input_length, target_length) if objective == "span" else (lm_input, lm_target)
         batch = make_batch(world, tok, seed, step, batch_size, objective, *shape)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, decay_fraction)
         ce, total = loss_of(model, batch)
+        ce = ce.detach()
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -184,7 +184,10 @@ def write(out_md, out_png, results, untuned, checks, gates, pilot, lrs, meta, ch
     if spec_rows:
         L += ["", "## Routing specialisation per held-out task (the paper's Figure 5)", "",
               "Mean total-variation distance between each held-out dataset's mean routing and the overall mean "
-              "(last decoder FFN), and the permutation p-value (templates shuffled between datasets).", "",
+              "(last decoder FFN), and the permutation p-value (templates shuffled between datasets). Templates of one "
+              "dataset share their wording and entities, so part of the separation comes from the inputs themselves "
+              "(a router reads the activation it rescales): compare the statistic across methods and seeds, not p "
+              "alone.", "",
               "| method | seed | statistic | p |", "|---|---|---|---|"]
         for m, seed, site, (s0, p) in spec_rows:
             L.append(f"| {m} | {seed} | {s0:.4f} | {p:.4f} |")
