@@ -111,9 +111,16 @@ def main(argv=None):
     print(f"untuned backbone: held-in val {untuned['val']:.1f}, dev {untuned['dev']['average']:.1f}, "
           f"test {untuned['test']['average']:.1f}")
     pilot = sw.pilot()
+    chance = 100 * sum(c["chance"] for c in checks.values()) / len(checks)
+    devs = [r["dev"]["average"] for r in pilot if r and "dev" in r]
     for r in pilot:
         if r and "dev" in r:
-            print(f"pilot {r['name']}: held-in val {r['val']:.1f}, dev {r['dev']['average']:.1f}")
+            print(f"pilot {r['name']}: held-in val {r['val']:.1f}, dev {r['dev']['average']:.1f} (chance {chance:.1f})")
+    if devs and max(devs) - chance < 3:
+        print("pilot gate: both pilot runs sit within 3 points of chance on the dev split; the world, corpus or "
+              "mixture may be revised (log it in miniature/README.md), or the sweep run anyway after two failures")
+    if args.stage == "pilot":
+        return 0
     lrs = {}
     if args.stage in ("sweep", "report"):
         lrs = sw.learning_rates()
@@ -130,7 +137,6 @@ def main(argv=None):
     for r in results:
         fam = config.METHODS.get(r.get("name"), {}).get("family")
         r["chosen"] = r.get("stage") == "main" and state["lrs"].get(fam) == r.get("lr")
-    chance = 100 * sum(c["chance"] for c in checks.values()) / len(checks)
     meta = {"machine": machine(), "threads": 1, "date": datetime.date.today().isoformat(),
             "wall": str(datetime.timedelta(seconds=int(state["wall_seconds"]))), "hash": sw.hash,
             "backbone": os.path.basename(os.path.dirname(model_dir)),
