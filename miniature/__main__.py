@@ -83,6 +83,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="sweep directory (default runs/miniature/<size>-<hash>)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; start none")
     args = p.parse_args(argv)
     from .project import ROOT, cache_root
     import torch
@@ -102,11 +103,24 @@ def main(argv=None):
     print(f"tasks {mix}; no-shortcut checks: " + ("all within 5 points of chance" if not bad else f"FAILED {bad}"))
     if args.stage == "data":
         return 0
-    from . import report, sweep
+    from . import sweep
     root = args.out or os.path.join(ROOT, "runs", "miniature", f"{args.size}-{config.sweep_hash(args.size)}")
     sw = sweep.Sweep(args.size, model_dir, mix, ceil, root, workers=args.workers)
     state_path = os.path.join(root, "state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else {"wall_seconds": 0.0}
+    if not args.report_only:
+        state.setdefault("started", time.time())
+        state.pop("finished", None)
+        os.makedirs(root, exist_ok=True)
+        with open(state_path, "w") as f:
+            json.dump(state, f, indent=1)
+    if args.report_only:
+        results = sw.collect()
+        lrs = sw.chosen_lrs(results)
+        pilot_lr = config.settings(args.size)["sweep"]["pilot_lr"]
+        pilot = [r for r in results if r.get("stage") == "main" and r.get("seed") == 0 and "dev" in r and
+                 r["lr"] == pilot_lr.get(config.METHODS[r["name"]]["family"])]
+        return write_report(args, sw, results, sw.read_untuned(), checks, gates, pilot, lrs, state, model_dir, root)
     untuned = sw.untuned()
     print(f"untuned backbone: held-in val {untuned['val']:.1f}, dev {untuned['dev']['average']:.1f}, "
           f"test {untuned['test']['average']:.1f}")
@@ -130,21 +144,34 @@ def main(argv=None):
         sw.ceiling(lrs)
         sw.main_runs(lrs, seeds[1:])
     state["wall_seconds"] += time.time() - t0
-    state["lrs"] = lrs or state.get("lrs", {})
+    state["finished"] = time.time()
+    results = sw.collect()
+    state["lrs"] = sw.chosen_lrs(results)
     with open(state_path, "w") as f:
         json.dump(state, f, indent=1)
-    results = sw.collect()
+    return write_report(args, sw, results, untuned, checks, gates, pilot, state["lrs"], state, model_dir, root)
+
+
+def write_report(args, sw, results, untuned, checks, gates, pilot, lrs, state, model_dir, root):
+    from . import report
     for r in results:
         fam = config.METHODS.get(r.get("name"), {}).get("family")
-        r["chosen"] = r.get("stage") == "main" and state["lrs"].get(fam) == r.get("lr")
+        r["chosen"] = r.get("stage") == "main" and lrs.get(fam) == r.get("lr")
+    chance = 100 * sum(c["chance"] for c in checks.values()) / len(checks)
+    done = "finished" in state
+    wall = (state["finished"] if done else time.time()) - state.get("started", time.time())
+    runs_wall = sum(r.get("wall_seconds", 0.0) for r in results)
     meta = {"machine": machine(), "threads": 1, "date": datetime.date.today().isoformat(),
-            "wall": str(datetime.timedelta(seconds=int(state["wall_seconds"]))), "hash": sw.hash,
+            "wall": f"{datetime.timedelta(seconds=int(wall))} from the sweep's start"
+                    f"{'' if done else ' (still running)'}"
+                    f" ({datetime.timedelta(seconds=int(runs_wall))} of run time over {len(results)} runs, "
+                    f"{args.workers} at a time)", "hash": sw.hash,
             "backbone": os.path.basename(os.path.dirname(model_dir)),
             "command": "python -m miniature" + ("" if args.size == "full" else f" --size {args.size}")}
     here = os.path.dirname(os.path.abspath(__file__))
     md, png = ((os.path.join(here, "RESULTS.md"), os.path.join(here, "results.png")) if args.size == "full"
                else (os.path.join(root, "RESULTS.md"), os.path.join(root, "results.png")))
-    report.write(md, png, results, untuned, checks, gates, pilot, state["lrs"], meta, chance)
+    report.write(md, png, results, untuned, checks, gates, pilot, lrs, meta, chance)
     print(f"wrote {md} and {png}")
     return 0
 

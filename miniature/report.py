@@ -101,7 +101,7 @@ def write(out_md, out_png, results, untuned, checks, gates, pilot, lrs, meta, ch
     datasets = list(templates.HELD_OUT)
     L = [f"# The paper in miniature: results", "",
          f"Machine: {meta.get('machine')}; {meta.get('threads')} thread per run, float32; date {meta.get('date')}; "
-         f"sweep wall time so far {meta.get('wall')}. Reproduce: `{meta.get('command')}`. Sweep hash "
+         f"sweep wall time {meta.get('wall')}. Reproduce: `{meta.get('command')}`. Sweep hash "
          f"`{meta.get('hash')}` (world, tasks, recipes, methods, grids and the source that makes them); backbone "
          f"`{meta.get('backbone')}`.", ""]
     L += ["## Backbone (before any method is tuned)", "",

@@ -258,6 +258,20 @@ class Sweep:
                 for seed in self.s["sweep"]["ceiling_seeds"]]
         return self.parallel(jobs)
 
+    def chosen_lrs(self, results):
+        """{family: lr}: the representative's best held-in validation at seed 0 among the grid runs finished."""
+        best = {}
+        for r in results:
+            fam = config.METHODS.get(r.get("name"), {}).get("family")
+            if (r.get("stage") == "main" and r.get("seed") == 0 and config.REPRESENTATIVE.get(fam) == r["name"]
+                    and r["lr"] in self.grid[fam] and (fam not in best or r["val"] > best[fam][1])):
+                best[fam] = (r["lr"], r["val"])
+        return {f: v[0] for f, v in best.items()}
+
+    def read_untuned(self):
+        path = os.path.join(self.root, "runs", "control-untuned", "result.json")
+        return _read(path) if os.path.exists(path) and _read(path).get("hash") == self.hash else None
+
     def collect(self):
         """Every result.json of the current hash under runs/."""
         out = []
