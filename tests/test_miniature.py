@@ -228,7 +228,7 @@ def test_smoke_chain(tmp_path):
     out = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "miniature", "--size", "smoke", "--cache", str(tmp_path / "cache"),
-                        "--out", str(out), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        "--out", str(out), "--workers", "1", "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     md = (out / "RESULTS.md").read_text()
