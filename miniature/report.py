@@ -173,6 +173,14 @@ def write(out_md, out_png, results, untuned, checks, gates, pilot, lrs, meta, ch
                                                      else methods[b][s]["test"]["average"]) for s in seeds]
         iv = interval(diffs)
         L.append(f"| {claim} | {fmt(iv)} | {len(seeds)} | **{verdict(iv, kind)}** | {paper} |")
+    # routing: the paper's Figure 5 claim, as a row of the claims table
+    ps = [specialisation(per) for r in methods.get("mov-10", {}).values() for per in (r.get("routing") or {}).values()]
+    ps = [p for p in ps if p]
+    if ps:
+        word = ("holds" if len(ps) >= 2 and all(p < 0.05 for _, p in ps) else
+                "reversed" if len(ps) >= 2 and all(p > 0.5 for _, p in ps) else "not resolved")
+        L.append(f"| experts specialise by task (MoV-10, routing at the last decoder FFN, permutation test) | "
+                 f"p = {', '.join(f'{p:.3f}' for _, p in ps)} | {len(ps)} | **{word}** | Figure 5 (qualitative) |")
     # routing
     spec_rows = []
     for m in order:
