@@ -55,24 +55,18 @@ def _write(path, obj):
 
 
 def trainable_params(model_dir, spec):
-    """Trainable parameters of a method on this backbone (built on the meta device: no memory, no weights)."""
+    """Trainable parameters of a method on this backbone, as train.py builds it (runner/build.py, on the meta
+    device: no memory, no weights)."""
     import torch
-    import molora
-    import mov
     import t5
-    cfg = t5.T5Config.from_hf(os.path.join(model_dir, "config.json"))
+    from runner import build
+    from runner.settings import ModelSettings
+    from sources import t5_weights
     with torch.device("meta"):
-        m = t5.T5(cfg)
-    method = spec["method"]
-    if method == "mov":
-        mov.add_mov(m, spec["experts"], top_k=spec.get("top_k"), router_input=spec.get("router_input", "token"),
-                    sentence_dim=384 if spec.get("router_input") == "sentence" else None)
-    elif method == "ia3":
-        mov.add_ia3(m)
-    elif method == "molora":
-        molora.add_molora(m, spec["experts"], rank=spec["rank"])
-    elif method == "lora":
-        molora.add_lora(m, rank=spec["rank"])
+        m = t5.T5(t5_weights.read_config(os.path.join(model_dir, "config.json")))
+    settings = ModelSettings(method=spec["method"], experts=spec.get("experts", 10), rank=spec.get("rank", 4),
+                             top_k=spec.get("top_k"), router_input=spec.get("router_input", "token"))
+    build.add_adapters(m, settings)
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
