@@ -72,7 +72,8 @@ Deliberate deviations from T5X (the option that restores T5X in brackets):
    with step_offset = S0 - k. [step_offset = S0 - k]
 2. Rank > 2 tensors follow the size rule, not logical-axis rules (above). With 128 or more experts this one would
    factor MoLORA's [E, d_in, r] and [E, r, d_out] (MoV's [H, E, d_kv] only if H or d_kv also reached 128), which
-   the original leaves unfactored; 2-D tensors such as MoV's [E, d_ff] are factored by both. [put those tensors in a param group with
+   the original leaves unfactored; 2-D tensors such as MoV's [E, d_ff] are factored by both. [put those tensors in
+   a param group with
    min_dim_size_to_factor=2**62]
 3. The step counter is per parameter (torch convention) and a parameter whose .grad is None is skipped; T5X
    updates every parameter every step, a zero gradient still decaying its state. [zero_grad(set_to_none=False)]

@@ -218,8 +218,8 @@ def parse_args(argv=None):
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter, allow_abbrev=False)
-    p.add_argument("--model", default="small", help="the shape of the model: a t5.T5Config preset (tiny, small, ..., xxl), "
-                   "random weights")
+    p.add_argument("--model", default="small", help="the shape of the model: a t5.T5Config preset (tiny, small, ..., "
+                   "xxl), random weights")
     p.add_argument("--methods", default=",".join([*CONFIGS, "eval"]),
                    help=f"comma-separated configurations among {', '.join(CONFIGS)} and eval; a method name "
                         "(mov, molora) selects all its configurations")

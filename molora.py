@@ -30,7 +30,6 @@ them weighted in float32. The sum is the same; under bf16 autocast the rounding 
 Adapter parameters are float32 on the base weight's device.
 """
 import contextlib
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +75,7 @@ class Router(nn.Module):
 class MoLoRALinear(nn.Module):
     """y = W x + (alpha/r) sum_e p_e B_e A_e x. It owns a wrapped nn.Linear's `weight` and `bias` (names unchanged);
     another wrapper (e.g. mov.py's MoVLinear) is kept whole as `base`, and y = base(x) + the update. num_experts=None
-    is plain LoRA. `router` (default: the paper's `Router()`) is copied, so one template can serve every site."""
+    is plain LoRA. `router`: this site's own (default: the paper's `Router()`)."""
     adapter_param_names = ADAPTER_PARAM_NAMES
 
     def __init__(self, linear, *, rank=4, alpha=16, num_experts=None, router=None):
@@ -94,7 +93,7 @@ class MoLoRALinear(nn.Module):
         nn.init.normal_(self.lora_A, std=0.02)
         self.lora_B = nn.Parameter(torch.zeros(*experts, rank, self.out_features, device=device))
         if num_experts is not None:
-            self.router = copy.deepcopy(router) if router is not None else Router()
+            self.router = router if router is not None else Router()
             if self.router.input_dim is not None:
                 raise ValueError("MoLORA routes on its layer's input: a router reading another input (sentence_dim) "
                                  "is for MoV layers; drop sentence_dim")
@@ -112,8 +111,8 @@ class MoLoRALinear(nn.Module):
         # the original's einsums 'bsd,edr->bser', 'bser,erd->bsed', '...e,...ed->...d' as two plain matmuls over the
         # experts' stacked ranks (E*r columns), never forming the [b, L, E, d_out] expert outputs
         ax = (x @ A.transpose(0, 1).reshape(self.in_features, -1)).unflatten(-1, (self.num_experts, self.rank))
-        ax = ax.float() * probs.unsqueeze(-1)  # A_e x weighted by p_e in float32, as the original promotes: [b, L, E, r]
-        delta = ax.flatten(-2) @ self.lora_B.float().reshape(-1, self.out_features)  # over experts and rank: [b, L, d_out]
+        ax = ax.float() * probs.unsqueeze(-1)  # A_e x weighted by p_e in float32, as the original's: [b, L, E, r]
+        delta = ax.flatten(-2) @ self.lora_B.float().reshape(-1, self.out_features)  # sum over (e, r): [b, L, d_out]
         return y + (delta * (self.alpha / self.rank)).to(y.dtype)
 
     def extra_repr(self):
@@ -125,16 +124,19 @@ def add_molora(model, num_experts, *, rank=4, alpha=16, top_k=None, router=None,
                freeze_base=True):
     """Wrap every Linear named by `targets` with MoLORA; the new parameters train, and with freeze_base the base
     model's weights are frozen; return the model. A target matches a module whose dotted name equals it or ends
-    with "." + target. router: copied to every site (default `Router(top_k=top_k)`; routing.Router for options)."""
+    with "." + target. router: a function making each site's router (default `lambda: Router(top_k=top_k)`)."""
     if not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if isinstance(router, nn.Module) or (router is not None and not callable(router)):
+        raise ValueError("add_molora(router=...) takes a function that makes each site's router, e.g. "
+                         "router=lambda: routing.Router(...), not a router")
     if router is not None and top_k is not None:
-        raise ValueError("pass top_k to the router you give (router=...), not to add_molora as well")
-    router = router if router is not None else Router(top_k=top_k)
-    k = getattr(router, "top_k", None)
+        raise ValueError("pass top_k to the router you make (router=...), not to add_molora as well")
+    make = router if router is not None else (lambda: Router(top_k=top_k))
+    k = getattr(make(), "top_k", None)
     if k is not None and not (isinstance(k, int) and 1 <= k <= num_experts):
         raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}] or None, got {k!r}")
-    return _inject(model, targets, freeze_base, rank=rank, alpha=alpha, num_experts=num_experts, router=router)
+    return _inject(model, targets, freeze_base, rank=rank, alpha=alpha, num_experts=num_experts, router=make)
 
 
 def add_lora(model, *, rank=4, alpha=16, targets=TARGETS, freeze_base=True):
@@ -163,7 +165,8 @@ def _inject(model, targets, freeze, **layer):
                              "in_features and out_features); pass targets= naming this model's Linear layers")
         hits[target] += 1
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, MoLoRALinear(module, **layer))
+        own = {k: v() if k == "router" else v for k, v in layer.items()}  # a router of its own per site
+        setattr(model.get_submodule(parent_name), leaf, MoLoRALinear(module, **own))
     missing = [t for t, n in hits.items() if n == 0]
     if missing:
         raise ValueError(f"targets {missing} matched no module of {type(model).__name__}; pass targets= with this "

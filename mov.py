@@ -36,7 +36,6 @@ kept MoV's dtype float32, so JAX promoted the product and what follows to float3
 restores it. Adapter parameters are float32 on the base weight's device (meta included), whatever its dtype.
 """
 import contextlib
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -93,9 +92,9 @@ class Router(nn.Module):
 
 
 class MoV(nn.Module):
-    """The vectors of one site: MoV with `router` (default: the paper's `Router()`), or (IA)3 when num_experts is
-    None. heads=None is the FFN site (h [..., d], vectors [E, d]); heads=H an attention site (h [..., H, d],
-    vectors [H, E, d]). `router` is copied, so one template can serve every site."""
+    """The vectors of one site: MoV with `router` (this site's own; default: the paper's `Router()`), or (IA)3 when
+    num_experts is None. heads=None is the FFN site (h [..., d], vectors [E, d]); heads=H an attention site
+    (h [..., H, d], vectors [H, E, d])."""
     adapter_param_names = ADAPTER_PARAM_NAMES
 
     def __init__(self, *, dim, heads=None, num_experts=None, router=None, device=None):
@@ -105,7 +104,7 @@ class MoV(nn.Module):
         if num_experts is None:
             self.ia3_scale = nn.Parameter(torch.ones(*head_shape, dim, device=device))
             return
-        self.router = copy.deepcopy(router) if router is not None else Router()
+        self.router = router if router is not None else Router()
         self.mov_router = nn.Parameter(torch.empty(self.router.input_dim or dim, num_experts, device=device))
         nn.init.normal_(self.mov_router, std=0.02)
         bias = nn.Parameter(torch.zeros(num_experts, device=device)) if self.router.bias else None
@@ -161,20 +160,24 @@ def add_mov(model, num_experts, *, top_k=None, router=None, attention_targets=AT
     """Wrap the attention key/value projections and FFN activations of `model` with MoV; the new parameters train,
     and with freeze_base the base model's weights are frozen. Returns the model.
 
-    router: a router module copied to every site (default: `Router(top_k=top_k)`, the paper's; routing.Router for the
-    original's options). Targets match a module whose dotted name equals the target or ends with "." + target.
-    Attention sites must be nn.Linear (or a wrapper with out_features); heads come from num_heads / head_dim or
-    model.config.num_heads / d_kv. The FFN width comes from ffn_dim or the sibling `wi_0` / `wi` Linear.
+    router: a function that makes each site's router (default: `lambda: Router(top_k=top_k)`, the paper's; e.g.
+    `lambda: routing.Router(Router(), jitter=0.01)` for the original's options). Targets match a module whose
+    dotted name equals the target or ends with "." + target. Attention sites must be nn.Linear (or a wrapper with
+    out_features); heads come from num_heads / head_dim or model.config.num_heads / d_kv. The FFN width comes from
+    ffn_dim or the sibling `wi_0` / `wi` Linear.
     """
     if not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if isinstance(router, nn.Module) or (router is not None and not callable(router)):
+        raise ValueError("add_mov(router=...) takes a function that makes each site's router, e.g. "
+                         "router=lambda: routing.Router(...), not a router")
     if router is not None and top_k is not None:
-        raise ValueError("pass top_k to the router you give (router=...), not to add_mov as well")
-    router = router if router is not None else Router(top_k=top_k)
-    k = getattr(router, "top_k", None)
+        raise ValueError("pass top_k to the router you make (router=...), not to add_mov as well")
+    make = router if router is not None else (lambda: Router(top_k=top_k))
+    k = getattr(make(), "top_k", None)
     if k is not None and not (isinstance(k, int) and 1 <= k <= num_experts):
         raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}] or None, got {k!r}")
-    return _inject(model, dict(num_experts=num_experts, router=router), attention_targets, ffn_targets, num_heads,
+    return _inject(model, dict(num_experts=num_experts, router=make), attention_targets, ffn_targets, num_heads,
                    head_dim, ffn_dim, freeze_base)
 
 
@@ -206,15 +209,16 @@ def _inject(model, site, attention_targets, ffn_targets, num_heads, head_dim, ff
         hits[target] += 1
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        layer = {k: v() if k == "router" else v for k, v in site.items()}  # a router of its own per site
         if target in attention_targets:
-            wrapper = MoVLinear(module, heads=_heads_of(name, module, heads, d_kv), **site)
+            wrapper = MoVLinear(module, heads=_heads_of(name, module, heads, d_kv), **layer)
         else:
             sibling = next((getattr(parent, s) for s in ("wi_0", "wi") if hasattr(parent, s)), None)
             if ffn_dim is None and sibling is None:
                 raise ValueError(f"cannot tell the width of FFN activation {name}: no sibling wi_0/wi; pass ffn_dim=")
             first = next(iter(parent.parameters()), None)
             wrapper = MoVActivation(module, dim=ffn_dim or sibling.out_features,
-                                    device=first.device if first is not None else None, **site)
+                                    device=first.device if first is not None else None, **layer)
         setattr(parent, leaf, wrapper)
     missing = [t for t, n in hits.items() if n == 0]
     if missing:

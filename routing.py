@@ -6,8 +6,7 @@ parameter-efficient-moe; its `Router`, `RouterWeights`, `_load_balancing_loss`),
 (`configs/*.gin`), and the tools that read routing from outside the layers through forward hooks on their routers.
 It imports only torch: copy it beside mov.py or molora.py.
 
-    router = routing.Router(mov.Router(top_k=2), jitter=0.01, bias=True)    # options around the paper's router
-    mov.add_mov(model, 10, router=router)                                   # each site gets its own copy
+    mov.add_mov(model, 10, router=lambda: routing.Router(mov.Router(top_k=2), jitter=0.01, bias=True))  # per site
     with routing.record(model, routing.default_sites(model)) as probs: model(...)   # {site: probs}, detached
     monitor = routing.Monitor(model, aux_loss=True)                          # training: health and balance loss
 
@@ -49,8 +48,8 @@ def jitter_noise(x, jitter, rows=(0, 1)):
 class Router(nn.Module):
     """The original's router options around a layer file's paper router (`mov.Router` or `molora.Router`, which
     computes the float32 softmax and the top-k mask): the same contract, router(x, kernel, bias) -> (probs,
-    softmax), so any mov / molora layer takes it as `router=` (sentence_dim: MoV layers only; MoLORA routes on its
-    layer's input)."""
+    softmax), so any mov / molora layer takes it (add_mov / add_molora: `router=lambda: routing.Router(...)`, one per
+    site; sentence_dim: MoV layers only, MoLORA routes on its layer's input)."""
     rows = (0, 1)
 
     def __init__(self, router, *, jitter=0.0, bias=False, renormalize=False, sentence_dim=None):
@@ -100,7 +99,7 @@ def sentence_routing(model, embeddings):
     routers = [m for m in model.modules() if isinstance(m, Router) and m.input_dim is not None]
     if not routers:
         raise ValueError("the model has no sentence-routed layers; build it with "
-                         "router=routing.Router(mov.Router(), sentence_dim=D)")
+                         "router=lambda: routing.Router(mov.Router(), sentence_dim=D)")
     if embeddings.dim() != 2 or embeddings.shape[1] != routers[0].input_dim:
         raise ValueError(f"sentence embeddings must be [batch, {routers[0].input_dim}], got {list(embeddings.shape)}")
     for r in routers:

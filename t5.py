@@ -139,8 +139,8 @@ def _additive(ok):
 class Dropout(nn.Dropout):
     """Dropout scaled by 1/(1-p), identity in eval or at p = 0, elementwise (HF's masks on the CPU) or with one mask
     shared along `broadcast_dim`, not the batch's (size 1 there): flax.linen.Dropout(broadcast_dims=(broadcast_dim,)).
-    Under torchrun runner/distributed.py sets `rows` = (rank, world_size): every process draws the mask of world_size x its
-    rows from the RNG stream they share and keeps rows rank*b:(rank+1)*b, so N processes drop what one process with
+    Under torchrun runner/distributed.py sets `rows` = (rank, world_size): every process draws the mask of world_size x
+    its rows from the RNG stream they share and keeps rows rank*b:(rank+1)*b, so N processes drop what one process with
     the whole batch drops (one contiguous draw: neither thread count nor layout changes a mask)."""
     rows = (0, 1)
 

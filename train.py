@@ -144,8 +144,8 @@ def train_step(model, optimizer, batch: dict, cfg: Config, autocast: bool, group
                shares=None, monitor=None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Forward and backward per micro-batch, then one optimizer update; returns (loss, z-loss part, routing health:
     routing.Monitor.reduce's values or None), detached. The load-balancing loss (monitor's) is added to the optimised
-    loss times --load-balance-weight, not to the returned loss. Data parallel (runner/distributed.py): `batch` holds this
-    process's rows and `shares[i]` its fraction of micro-batch i's examples, so that the losses of all processes
+    loss times --load-balance-weight, not to the returned loss. Data parallel (runner/distributed.py): `batch` holds
+    this process's rows and `shares[i]` its fraction of micro-batch i's examples, so that the losses of all processes
     sum to the global one (the routing health is this process's)."""
     device, micro = batch["encoder_input_tokens"].device, batch["encoder_input_tokens"].shape[0] // cfg.grad_accum
     total, total_z = torch.zeros((), device=device), torch.zeros((), device=device)

@@ -193,13 +193,13 @@ def dropout(settings) -> dict:
 
 
 def router(settings, layer_file):
-    """The router every site of a mov / molora model gets: None (the layer file's paper router, `layer_file.Router`
-    with top_k) unless an option of the original's routing.py is on; then routing.Router around it."""
-    paper = layer_file.Router(top_k=settings.top_k)
+    """A function making the router of each site of a mov / molora model: the layer file's paper router
+    (`layer_file.Router` with top_k), inside routing.Router when an option of the original's routing.py is on."""
     sentence = SENTENCE_DIM if settings.router_input == "sentence" else None
     if not (settings.router_jitter or settings.router_bias or sentence):
-        return paper
-    return routing.Router(paper, jitter=settings.router_jitter, bias=settings.router_bias, sentence_dim=sentence)
+        return lambda: layer_file.Router(top_k=settings.top_k)
+    return lambda: routing.Router(layer_file.Router(top_k=settings.top_k), jitter=settings.router_jitter,
+                                  bias=settings.router_bias, sentence_dim=sentence)
 
 
 def add_adapters(model: torch.nn.Module, settings) -> torch.nn.Module:

@@ -9,7 +9,8 @@
 
 Helpers raise ValueError or OSError whose message names the file or value and the fix; `run` prints it as
 `error: <message>` and returns 1. Ctrl-C at any moment prints one line and ends with status 130 (a training run
-handles it itself: runner/train_log.py), never a traceback, never status 0. Warnings print as one `warning: <message>` line (Python would add the source line).
+handles it itself: runner/train_log.py), never a traceback, never status 0. Warnings print as one
+`warning: <message>` line (Python would add the source line).
 """
 import os
 import signal

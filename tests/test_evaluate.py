@@ -76,7 +76,7 @@ def test_score_choices_equals_transformers_loss():
 
 def test_score_choices_sentence_routing_matches_per_example_loop():
     """With sentence routing, each example (and each of its choices) routes by its own embedding."""
-    model = mov.add_mov(tiny_model(), 3, router=routing.Router(mov.Router(), sentence_dim=5)).eval()
+    model = mov.add_mov(tiny_model(), 3, router=lambda: routing.Router(mov.Router(), sentence_dim=5)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -290,7 +290,7 @@ def test_cli_run_uses_newest_checkpoint_and_run_data(tmp_path, capsys):
 def test_evaluate_sentence_routed_model_embeds_item_texts():
     """A sentence-routed model gets sentence_embedder(texts) of each template's items, in order, and scores them."""
     sets = demo_items(2)
-    model = mov.add_mov(tiny_model(), 2, router=routing.Router(mov.Router(), sentence_dim=3)).eval()
+    model = mov.add_mov(tiny_model(), 2, router=lambda: routing.Router(mov.Router(), sentence_dim=3)).eval()
     seen = []
 
     def embedder(texts):

@@ -223,7 +223,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, hf_dir):
 
 def test_greedy_sentence_routed_rows_use_their_own_embedding():
     """A sentence-routed MoV model: each batched row is decoded with its own embedding, as one prompt alone."""
-    model = mov.add_mov(t5.T5(TINY), 3, router=routing.Router(mov.Router(), sentence_dim=4))
+    model = mov.add_mov(t5.T5(TINY), 3, router=lambda: routing.Router(mov.Router(), sentence_dim=4))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

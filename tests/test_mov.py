@@ -43,7 +43,7 @@ TOY = dict(attention_targets=("key", "value"), ffn_targets=("mlp.act",), num_hea
 METHODS = {
     "ia3": lambda m, **kw: mov.add_ia3(m, **kw),
     "mov": lambda m, **kw: mov.add_mov(m, 3, **kw),
-    "mov_top2_renorm": lambda m, **kw: mov.add_mov(m, 3, router=renormalized(2), **kw),
+    "mov_top2_renorm": lambda m, **kw: mov.add_mov(m, 3, router=lambda: renormalized(2), **kw),
 }
 
 
@@ -92,7 +92,7 @@ def test_init_sentence_routing_and_relu_ffn_unchanged():
     """Sentence-routed MoV on a ReLU-FFN T5 (act after `wi`) also starts as the identity."""
     model = frozen(hf_t5("relu"))
     ref = hf_logits(model)
-    mov.add_mov(model, 4, router=sentence_router(6))
+    mov.add_mov(model, 4, router=lambda: sentence_router(6))
     with routing.sentence_routing(model, torch.randn(2, 6)):
         torch.testing.assert_close(hf_logits(model), ref, rtol=1e-5, atol=1e-5)
 
@@ -237,7 +237,7 @@ def test_ia3_matches_peft():
 @pytest.mark.parametrize("kind", MODELS)
 def test_sentence_routing_is_per_example(kind):
     """Sentence routing gives every token (and head) of an example the softmax of its embedding, in every layer."""
-    model = mov.add_mov(MODELS[kind](), 3, router=sentence_router(6))
+    model = mov.add_mov(MODELS[kind](), 3, router=lambda: sentence_router(6))
     layers = routing.routed_layers(model)
     for m in layers.values():
         nn.init.normal_(m.mov_router, 0.0, 1.0)
@@ -254,7 +254,7 @@ def test_sentence_routing_is_per_example(kind):
 
 def test_sentence_routing_errors():
     """A sentence-routed layer outside the context, a wrong embedding size or batch all raise clear errors."""
-    model = mov.add_mov(hf_t5(), 3, router=sentence_router(6))
+    model = mov.add_mov(hf_t5(), 3, router=lambda: sentence_router(6))
     with pytest.raises(RuntimeError, match="sentence_routing"):
         hf_logits(model)
     with pytest.raises(ValueError, match=r"\[batch, 6\]"):
@@ -315,8 +315,9 @@ def test_toy_model_targets_and_inference_errors():
     (lambda m: mov.add_mov(m, 0), "num_experts"),
     (lambda m: mov.add_mov(m, -2), "-2"),
     (lambda m: mov.add_mov(m, 3, top_k=4), "top_k"),
-    (lambda m: mov.add_mov(m, 3, top_k=2, router=mov.Router(top_k=2)), "not to add_mov"),
-    (lambda m: mov.add_mov(m, 3, router=routing.Router(mov.Router(), sentence_dim=0)), "sentence_dim"),
+    (lambda m: mov.add_mov(m, 3, top_k=2, router=lambda: mov.Router(top_k=2)), "not to add_mov"),
+    (lambda m: mov.add_mov(m, 3, router=mov.Router()), "makes each site's router"),
+    (lambda m: mov.add_mov(m, 3, router=lambda: routing.Router(mov.Router(), sentence_dim=0)), "sentence_dim"),
     (lambda m: mov.add_mov(m, 3, attention_targets=("k", "key_proj")), "key_proj"),
     (lambda m: mov.add_ia3(m, ffn_targets=("gelu",)), "gelu"),
     (lambda m: mov.add_mov(mov.add_mov(m, 3), 3), "once"),

@@ -132,7 +132,7 @@ def test_router_bias_starts_at_zero_and_trains(method):
     torch.manual_seed(1)
     plain = add(method)(copy.deepcopy(base), E)
     torch.manual_seed(1)
-    biased = add(method)(copy.deepcopy(base), E, router=routing.Router(layer_file.Router(), bias=True))
+    biased = add(method)(copy.deepcopy(base), E, router=lambda: routing.Router(layer_file.Router(), bias=True))
     name = "mov_router_bias" if method == "mov" else "lora_router_bias"
     biases = {n: p for n, p in biased.named_parameters() if n.endswith(name)}
     assert len(biases) == sum(1 for n, _ in plain.named_parameters() if n.endswith(name.rsplit("_", 1)[0]))
@@ -195,7 +195,7 @@ def test_options_off_and_observation_leave_the_logits_bit_identical(method):
     torch.manual_seed(3)
     plain = randomise_routers(add(method)(copy.deepcopy(base), E))
     torch.manual_seed(3)
-    watched = randomise_routers(add(method)(copy.deepcopy(base), E, router=routing.Router(layer_file.Router())))
+    watched = randomise_routers(add(method)(copy.deepcopy(base), E, router=lambda: routing.Router(layer_file.Router())))
     assert all(isinstance(m.router, routing.Router) for m in routing.routed_layers(watched).values())
     with torch.no_grad():
         for p, q in zip(plain.parameters(), watched.parameters()):
@@ -276,7 +276,7 @@ def test_sharding_table_covers_router_biases(method):
     import sharding
     with torch.device("meta"):
         layer_file = mov if method == "mov" else molora
-        model = add(method)(tiny_t5(), E, router=routing.Router(layer_file.Router(), bias=True))
+        model = add(method)(tiny_t5(), E, router=lambda: routing.Router(layer_file.Router(), bias=True))
     shapes = [(n, p.shape) for n, p in model.named_parameters()]
     specs = sharding.plan(shapes, sharding.table_for(method, router_bias=True))
     biases = [n for n in specs if n.endswith("_router_bias")]

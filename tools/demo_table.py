@@ -36,7 +36,8 @@ def baselines(max_examples):
     rows = {"chance": {}, "majority answer": {}}
     for dataset, templates in sets.items():
         for template, items in templates.items():
-            rows["chance"].setdefault(dataset, {})[template] = 100 * statistics.mean(1 / len(it["choices"]) for it in items)
+            chance = statistics.mean(1 / len(it["choices"]) for it in items)
+            rows["chance"].setdefault(dataset, {})[template] = 100 * chance
             texts = [[tok.decode(c) for c in it["choices"]] for it in items]
             labelled = [(t, it["label"]) for t, it in zip(texts, items) if it["label"] is not None]
             text = collections.Counter(t[label] for t, label in labelled).most_common(1)[0][0]

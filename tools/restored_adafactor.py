@@ -9,8 +9,8 @@ moments are rebuilt from the first steps, as a fresh Adam's would be.
 
 This tool builds such a restored state on the demo's tiny T5: it pre-trains every weight with Adafactor for
 --pretrain steps on half of the demo's training tasks (reviews and comparisons), then fine-tunes for --steps more on
-the other half (categories and opposites) three ways: (a) with the pre-training optimizer restored (the original), (b) fresh state, offset 0, (c) fresh state,
-offset = --pretrain steps (the counter T5X would continue). It reports how far (b) and (c) drift from (a): the mean
+the other half (categories and opposites) three ways: (a) with the pre-training optimizer restored (the original),
+(b) fresh state, offset 0, (c) fresh state, offset = --pretrain steps (the counter T5X would continue). It reports how far (b) and (c) drift from (a): the mean
 absolute difference of their per-step losses and the relative distance of their final weights.
 
     python -m tools.restored_adafactor --pretrain 1000 --steps 300       # about 3 minutes on two CPU cores
