@@ -134,6 +134,7 @@ def main(argv=None):
         print("pilot gate: both pilot runs sit within 3 points of chance on the dev split; the world, corpus or "
               "mixture may be revised (log it in miniature/README.md), or the sweep run anyway after two failures")
     if args.stage == "pilot":
+        sw.close()
         return 0
     lrs = {}
     if args.stage in ("sweep", "report"):
@@ -143,6 +144,7 @@ def main(argv=None):
         sw.main_runs(lrs, seeds[:1])  # seed 0 of every method, then the ceiling, then the other seeds
         sw.ceiling(lrs)
         sw.main_runs(lrs, seeds[1:])
+    sw.close()
     state["wall_seconds"] += time.time() - t0
     state["finished"] = time.time()
     results = sw.collect()

@@ -1,10 +1,11 @@
 """The sweep: controls, the pilot, learning rates on held-in validation, every method with seeds; resumable.
 
 Mirrors the paper's experiments (Zadouri et al. 2023, section 4 and the ablations of section 5) at miniature scale,
-through the project's own command lines, one subprocess per run (train.py, then evaluate.py):
+through the project's own command lines (train.py, then evaluate.py), each in a process of its own (at the smoke
+size, handed to a long-lived worker process instead: worker.py):
   - controls: chance (from the sets), the untuned backbone, and a ceiling (`ceiling` in config: a method trained
     with the held-out task types in its mixture, on "train" entities; not zero-shot);
-  - the pilot: MoV-10 and full fine-tuning, seed 0, scored on the held-out *dev* split (the gate of the issue);
+  - the pilot: MoV-10 and full fine-tuning, seed 0, scored on the held-out *dev* split (the pilot gate);
   - learning rates: each family's representative (config.REPRESENTATIVE) over its grid, seed 0, scored on held-in
     validation only; every family member then uses the chosen rate;
   - every method of config.METHODS with every seed; per run the checkpoint with the best held-in validation average
@@ -33,13 +34,37 @@ def _env():
     return env
 
 
-def _run(cmd, log_path):
+def _run(cmd, log_path, worker=None):
+    """One command line (`python train.py ...`, `python evaluate.py ...`) in a process of its own, or handed to a
+    long-lived worker process (worker.py) that has the project imported already."""
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        p = subprocess.run(["nice", "-n", "10"] + cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    if p.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({p.returncode}); see {log_path}")
+        if worker is None:
+            status = subprocess.run(["nice", "-n", "10"] + cmd, cwd=ROOT, env=_env(), stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
+    if worker is not None:
+        status = worker.run(cmd[1:], log_path)
+    if status:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({status}); see {log_path}")
+
+
+class Worker:
+    """A `python -m miniature.worker` process (worker.py): command lines in, exit statuses out, one at a time."""
+
+    def __init__(self):
+        self.p = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "miniature.worker"], cwd=ROOT,
+                                  env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def run(self, argv, log_path):
+        self.p.stdin.write(json.dumps({"argv": argv, "log": os.path.abspath(log_path)}) + "\n")
+        self.p.stdin.flush()
+        answer = self.p.stdout.readline()
+        return int(answer) if answer.strip() else 1  # no answer: the worker died (its log says why)
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
 
 
 def _read(path):
@@ -82,8 +107,12 @@ def resolve(name, model_dir):
 
 
 class Sweep:
-    def __init__(self, size, model_dir, data_dir, ceiling_dir, root, workers=2, log=print):
+    def __init__(self, size, model_dir, data_dir, ceiling_dir, root, workers=2, log=print, reuse_processes=None):
         self.size, self.model, self.data, self.ceiling_data = size, model_dir, data_dir, ceiling_dir
+        # one process per command at the full size; at the smoke size each worker thread hands its commands to a
+        # long-lived process of its own (worker.py), as importing torch would take most of the chain's time
+        self.reuse = size == "smoke" if reuse_processes is None else reuse_processes
+        self._local, self._workers = threading.local(), []
         self.s = config.settings(size)
         self.root, self.workers, self.log = root, workers, log
         self.hash = config.sweep_hash(size)
@@ -104,6 +133,21 @@ class Sweep:
         return self._specs[name]
 
     # ------------------------------------------------------------------ one run
+    def _run(self, cmd, log_path):
+        worker = None
+        if self.reuse:
+            worker = getattr(self._local, "worker", None)
+            if worker is None or worker.p.poll() is not None:
+                worker = self._local.worker = Worker()
+                self._workers.append(worker)
+        _run(cmd, log_path, worker)
+
+    def close(self):
+        """Ends the worker processes (the smoke size)."""
+        for w in self._workers:
+            w.close()
+        self._workers.clear()
+
     def _eval(self, args, out, log_path, datasets=None, routing=False):
         r = self.s["recipe"]
         cmd = [sys.executable, "evaluate.py", *args, "--out", out, "--dtype", "float32", "--device", "cpu",
@@ -114,7 +158,7 @@ class Sweep:
         if routing:
             cmd += ["--routing"]
         if not os.path.exists(os.path.join(out, "eval.json")):
-            _run(cmd, log_path)
+            self._run(cmd, log_path)
         return _read(os.path.join(out, "eval.json"))
 
     def train_run(self, name, method, lr, seed, stage, data=None, test=True, dev=False):
@@ -143,7 +187,7 @@ class Sweep:
             for key in ("experts", "rank", "top_k", "router_input"):
                 if spec.get(key) is not None:
                     cmd += [f"--{key.replace('_', '-')}", str(spec[key])]
-            _run(cmd, log_path)
+            self._run(cmd, log_path)
             train_s = time.time() - t0
             steps = list(range(r["save_every"], r["steps"] + 1, r["save_every"]))
             curve = {}

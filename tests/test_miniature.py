@@ -1,6 +1,7 @@
 """The paper in miniature (miniature/): world labels, the span-corruption mask, no-shortcut checks, the whole chain."""
 import collections
 import itertools
+import json
 import os
 import random
 import re
@@ -237,3 +238,24 @@ def test_smoke_chain(tmp_path):
                    "mov-10-sentence", "lora-matched"):
         assert f"| {method} |" in md
     assert "| MoV-10 beats (IA)3 |" in md and "untuned backbone" in md and "ceiling" in md
+
+    # the smoke size hands its command lines to a long-lived worker process (miniature/worker.py): the same
+    # commands, each in a fresh process as the full sweep runs them, log the same losses and routing, and score the same
+    run = out / "runs" / "main-mov-10-lr0.01-s0"
+    cmds = [line[2:].split() for line in (run / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
+    train_cmd = next(c for c in cmds if c[1] == "train.py")
+    test_cmd = next(c for c in cmds if c[1] == "evaluate.py" and c[c.index("--out") + 1].endswith("/test"))
+    fresh = tmp_path / "fresh"
+
+    def moved(cmd, flag, path):
+        return cmd[:cmd.index(flag) + 1] + [str(path)] + cmd[cmd.index(flag) + 2:]
+    for cmd in (moved(train_cmd, "--out", fresh), moved(moved(test_cmd, "--run", fresh), "--out", fresh / "test")):
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+
+    def logged(path):
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k != "tokens_per_s"} for line in lines]
+    assert logged(fresh / "log.jsonl") == logged(run / "train" / "log.jsonl")
+    a, b = (json.loads((d / "test" / "eval.json").read_text()) for d in (fresh, run))
+    assert a["tasks"] == b["tasks"] and a["routing"] == b["routing"]
