@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from runner import build
+from runner import build, cli
 import t5
 from runner.settings import parse_run_name
 from tools.bench_measure import CONFIGS, PEERS, run_spec
@@ -217,7 +217,7 @@ def markdown(records, args, total_s):
 def parse_args(argv=None):
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter, allow_abbrev=False)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter, allow_abbrev=False)
     p.add_argument("--model", default="small", help="the shape of the model: a t5.T5Config preset (tiny, small, ..., "
                    "xxl), random weights")
     p.add_argument("--methods", default=",".join([*CONFIGS, "eval"]),

@@ -37,7 +37,7 @@ import torch
 
 import data
 import routing
-from runner import build, report, rundir
+from runner import build, cli, report, rundir
 from runner.settings import Config, ModelSettings, run_name
 from sources.p3 import P3_HUB
 
@@ -320,7 +320,7 @@ def positive(args, names):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=HelpFormatter)
     add_model_flags(p)
     p.add_argument("--data", default=None, help="bigscience/P3 (hub), a local P3-layout directory, or demo "

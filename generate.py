@@ -23,7 +23,6 @@ if __name__ == "__main__":  # before the imports below: Ctrl-C while torch loads
     from runner import cli
     cli.catch_early_interrupt()
 
-import argparse
 import contextlib
 import json
 import os
@@ -36,7 +35,7 @@ import torch
 import data
 import evaluate
 import routing
-from runner import build, rundir
+from runner import build, cli, rundir
 from sources import demo
 from sources.tokenizer import EOS, UNK, Tokenizer
 
@@ -187,7 +186,7 @@ def show_demo_answers(model, cfg, device, autocast, count=2):
 
 # ----------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=evaluate.HelpFormatter)
     p.add_argument("prompts", nargs="*", help="instructions to answer, each one argument (default: none; give "
                    "prompts or --input-file)")

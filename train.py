@@ -70,7 +70,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
                         for m, r in RECIPES.items() if r] +
                        [wrap(f"--preset {n}: {', '.join(f'{k}={v}' for k, v in v.items()) or 'the recipe'}")
                         for n, v in PRESETS.items()])
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = command_line.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"defaults (the paper's recipe for the adapters):\n{defaults}\n"
                                        f"laid over them, in this order (flags given override both):\n{layers}")

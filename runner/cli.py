@@ -12,10 +12,19 @@ Helpers raise ValueError or OSError whose message names the file or value and th
 handles it itself: runner/train_log.py), never a traceback, never status 0. Warnings print as one
 `warning: <message>` line (Python would add the source line).
 """
+import argparse
 import os
 import signal
 import sys
 import warnings
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown flag, a value of the wrong type, a missing choice) are one line,
+    `error: <what argparse says> (see <program> --help)`, with argparse's exit status 2; no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def catch_early_interrupt():

@@ -505,6 +505,20 @@ def test_bad_input_is_one_error_line_and_changes_nothing(server, inputs, tmp_pat
         assert open(inputs["a_file"]).read() == "not a directory, not safetensors\n"
 
 
+@pytest.mark.parametrize("script, args, needle", [
+    ("train.py", "--steps ten", "argument --steps: invalid int value: 'ten'"),
+    ("train.py", "--methd mov", "unrecognized arguments: --methd mov"),
+    ("evaluate.py", "--run x --max-examples many", "argument --max-examples: invalid int value: 'many'"),
+    ("generate.py", "--max-new-tokens 5 hello", "one of the arguments --run --model is required"),
+])
+def test_command_line_syntax_errors_are_one_line(server, tmp_path, script, args, needle):
+    """What argparse itself rejects (a wrong type, an unknown flag, a missing choice) is one `error:` line naming the
+    flag and pointing to --help, with argparse's status 2: no usage block, in each of the three programs."""
+    r = cli(server, tmp_path, script, *args.split())
+    assert r.rc == 2, r.err
+    assert r.err.strip().splitlines() == [f"error: {needle} (see {script} --help)"], r.err
+
+
 def test_the_command_line_runs_as_the_harness_says(tmp_path):
     """The fork-server harness is `python <script>` itself: a real interpreter gives the same single error line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
