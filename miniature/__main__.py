@@ -6,8 +6,8 @@
 Stages, in order: pretrain (backbone + gates), data (tasks + no-shortcut checks), pilot (MoV-10 and full on the
 held-out dev split), sweep (learning rates, every method and seed, the ceiling), report. `--stage X` stops after X.
 Outputs: the backbone under <cache>/miniature-<size>-backbone-<hash>/, tasks under <cache>/miniature-<size>-data-
-<hash>/, runs under runs/miniature/<size>-<hash>/; the full size writes miniature/RESULTS.md and
-miniature/results.png, the smoke size writes them into its run folder.
+<hash>/, runs under runs/miniature/<size>-<hash>/; the full size at the recipe's steps writes miniature/RESULTS.md
+and miniature/results.png, the smoke size or --steps writes them into its run folder.
 """
 import argparse
 import datetime
@@ -81,10 +81,17 @@ def main(argv=None):
     p.add_argument("--stage", choices=STAGES, default="report", help="stop after this stage (default: all)")
     p.add_argument("--cache", default=None, help="cache directory (default $PEFT_MOE_CACHE or ~/.cache/peft-moe)")
     p.add_argument("--out", default=None, help="sweep directory (default runs/miniature/<size>-<hash>)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train every run this many steps, with a checkpoint every third of them, instead of the "
+                        "recipe's (full: 180, every 60); another recipe, so another hash and new runs")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; start none")
     args = p.parse_args(argv)
+    if args.steps is not None:
+        if args.steps < 3 or args.steps % 3:
+            p.error(f"--steps must be a positive multiple of 3 (a checkpoint every third), got {args.steps}")
+        config.settings(args.size)["recipe"].update(steps=args.steps, save_every=args.steps // 3)
     from .project import ROOT, cache_root
     import torch
     torch.set_num_threads(1)
@@ -169,9 +176,11 @@ def write_report(args, sw, results, untuned, checks, gates, pilot, lrs, state, m
                     f" ({datetime.timedelta(seconds=int(runs_wall))} of run time over {len(results)} runs, "
                     f"{args.workers} at a time)", "hash": sw.hash,
             "backbone": os.path.basename(os.path.dirname(model_dir)),
-            "command": "python -m miniature" + ("" if args.size == "full" else f" --size {args.size}")}
+            "command": "python -m miniature" + ("" if args.size == "full" else f" --size {args.size}")
+                       + ("" if args.steps is None else f" --steps {args.steps}")}
     here = os.path.dirname(os.path.abspath(__file__))
-    md, png = ((os.path.join(here, "RESULTS.md"), os.path.join(here, "results.png")) if args.size == "full"
+    md, png = ((os.path.join(here, "RESULTS.md"), os.path.join(here, "results.png"))
+               if args.size == "full" and args.steps is None  # the frozen experiment; any other into its folder
                else (os.path.join(root, "RESULTS.md"), os.path.join(root, "results.png")))
     report.write(md, png, results, untuned, checks, gates, pilot, lrs, meta, chance)
     print(f"wrote {md} and {png}")
