@@ -75,7 +75,9 @@ def machine():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m miniature", description=__doc__.split("\n\n")[0],
+    from .project import ROOT, cache_root
+    from runner.cli import ArgumentParser  # errors as one line, `error: ... (see ... --help)`
+    p = ArgumentParser(prog="python -m miniature", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("full", "smoke"), default="full", help="full: the experiment; smoke: ~1 min")
     p.add_argument("--stage", choices=STAGES, default="report", help="stop after this stage (default: all)")
@@ -92,7 +94,6 @@ def main(argv=None):
         if args.steps < 3 or args.steps % 3:
             p.error(f"--steps must be a positive multiple of 3 (a checkpoint every third), got {args.steps}")
         config.settings(args.size)["recipe"].update(steps=args.steps, save_every=args.steps // 3)
-    from .project import ROOT, cache_root
     import torch
     torch.set_num_threads(1)
     t0 = time.time()

@@ -222,6 +222,20 @@ def test_shortcut_check_catches_a_shortcut(world):
 
 
 # ----------------------------------------------------------------------------------------------- the chain
+def test_steps_flag_checked_and_another_experiment(monkeypatch):
+    """`--steps` not a positive multiple of 3 is one error line (status 2); a valid one changes the sweep's hash, so
+    its runs never mix with the frozen experiment's, and leaves the backbone's (no new pretraining)."""
+    p = subprocess.run([sys.executable, "-m", "miniature", "--steps", "4"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --steps must be a positive multiple of 3 (a checkpoint every third), got 4 "
+        "(see python -m miniature --help)"], p.stderr
+    from miniature import config
+    before = config.sweep_hash("full"), config.backbone_hash("full")
+    monkeypatch.setitem(config.FULL["recipe"], "steps", 720)
+    assert config.sweep_hash("full") != before[0] and config.backbone_hash("full") == before[1]
+
+
 @pytest.mark.slow
 def test_smoke_chain(tmp_path):
     """The whole chain at smoke size: a tiny backbone pretrained for a few steps, the tasks in P3's layout, two
