@@ -321,7 +321,7 @@ def positive(args, names):
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=HelpFormatter)
+                           formatter_class=HelpFormatter)
     add_model_flags(p)
     p.add_argument("--data", default=None, help="bigscience/P3 (hub), a local P3-layout directory, or demo "
                    "(default: the run's data source with --run, else bigscience/P3)")

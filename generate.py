@@ -187,7 +187,7 @@ def show_demo_answers(model, cfg, device, autocast, count=2):
 # ----------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=evaluate.HelpFormatter)
+                           formatter_class=evaluate.HelpFormatter)
     p.add_argument("prompts", nargs="*", help="instructions to answer, each one argument (default: none; give "
                    "prompts or --input-file)")
     evaluate.add_model_flags(p)

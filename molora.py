@@ -2,7 +2,7 @@
 
 Zadouri et al. 2023, "Pushing Mixture of Experts to the Limit" (arXiv 2309.05444), section 2; the original code is
 for-ai/parameter-efficient-moe `src/molora.py`, `src/lora.py`, `configs/{molora,lora}.gin`, and the `lora` branch of
-its Flaxformer fork. This file imports only torch: copy it into another project as it is. For an adapted linear
+its Flaxformer fork. This file needs only torch: copy it into another project as it is. For an adapted linear
 y = W x (E = experts, r = rank):
 
     p = softmax(x @ W_r)                            router on the layer's INPUT, W_r [d_in, E], N(0, 0.02), no bias,

@@ -2,7 +2,7 @@
 
 Zadouri et al. 2023, "Pushing Mixture of Experts to the Limit" (arXiv 2309.05444), section 2; the
 original code is for-ai/parameter-efficient-moe `src/mov.py` (`MoV`, `MoVAttention`), `src/ia3.py` and
-`configs/{mov,ia3}.gin`. This file imports only torch: copy it into another project as it is. For every rescaled
+`configs/{mov,ia3}.gin`. This file needs only torch: copy it into another project as it is. For every rescaled
 activation h (E = experts, d = features, H = heads):
 
     p  = softmax(h @ W_r)          the router: kernel W_r [d, E], N(0, 0.02), no bias; logits and softmax in float32

@@ -4,7 +4,7 @@ mov.py and molora.py each hold the paper's layer and the paper's router and take
 `router=` argument; this file holds what the original's `src/routing.py` adds around that router (for-ai/
 parameter-efficient-moe; its `Router`, `RouterWeights`, `_load_balancing_loss`), all off in its released configs
 (`configs/*.gin`), and the tools that read routing from outside the layers through forward hooks on their routers.
-It imports only torch: copy it beside mov.py or molora.py.
+It needs only torch: copy it beside mov.py or molora.py.
 
     mov.add_mov(model, 10, router=lambda: routing.Router(mov.Router(top_k=2), jitter=0.01, bias=True))  # per site
     with routing.record(model, routing.default_sites(model)) as probs: model(...)   # {site: probs}, detached

@@ -71,9 +71,9 @@ def parse_args(argv=None) -> tuple[Config, str]:
                        [wrap(f"--preset {n}: {', '.join(f'{k}={v}' for k, v in v.items()) or 'the recipe'}")
                         for n, v in PRESETS.items()])
     p = command_line.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"defaults (the paper's recipe for the adapters):\n{defaults}\n"
-                                       f"laid over them, in this order (flags given override both):\n{layers}")
+                                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                                    epilog=f"defaults (the paper's recipe for the adapters):\n{defaults}\n"
+                                           f"laid over them, in this order (flags given override both):\n{layers}")
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="base settings: paper or demo")
     p.add_argument("--count-params", action="store_true", help="print the parameter counts (no weights) and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")

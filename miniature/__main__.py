@@ -74,11 +74,20 @@ def machine():
     return f"{name}, {os.cpu_count()} cores, " + (f"native {native}" if native else "no native bf16 (float32)")
 
 
+def set_steps(size, steps):
+    """Every run of this process trains `steps` steps with a checkpoint every third of them: a new recipe in the
+    size's settings (a new dict, so the module's own stays as written), hence a new sweep hash and new runs."""
+    if steps < 3 or steps % 3:
+        raise ValueError(f"--steps must be a positive multiple of 3 (a checkpoint every third), got {steps}")
+    s = config.settings(size)
+    s["recipe"] = {**s["recipe"], "steps": steps, "save_every": steps // 3}
+
+
 def main(argv=None):
     from .project import ROOT, cache_root
     from runner.cli import ArgumentParser  # errors as one line, `error: ... (see ... --help)`
     p = ArgumentParser(prog="python -m miniature", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("full", "smoke"), default="full", help="full: the experiment; smoke: ~1 min")
     p.add_argument("--stage", choices=STAGES, default="report", help="stop after this stage (default: all)")
     p.add_argument("--cache", default=None, help="cache directory (default $PEFT_MOE_CACHE or ~/.cache/peft-moe)")
@@ -91,9 +100,10 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; start none")
     args = p.parse_args(argv)
     if args.steps is not None:
-        if args.steps < 3 or args.steps % 3:
-            p.error(f"--steps must be a positive multiple of 3 (a checkpoint every third), got {args.steps}")
-        config.settings(args.size)["recipe"].update(steps=args.steps, save_every=args.steps // 3)
+        try:
+            set_steps(args.size, args.steps)
+        except ValueError as e:
+            p.error(str(e))
     import torch
     torch.set_num_threads(1)
     t0 = time.time()
@@ -129,6 +139,25 @@ def main(argv=None):
         pilot = [r for r in results if r.get("stage") == "main" and r.get("seed") == 0 and "dev" in r and
                  r["lr"] == pilot_lr.get(config.METHODS[r["name"]]["family"])]
         return write_report(args, sw, results, sw.read_untuned(), checks, gates, pilot, lrs, state, model_dir, root)
+    try:
+        ran = run_sweep(args, sw, checks)
+    finally:
+        sw.close()  # the smoke size's worker processes
+    if ran is None:  # --stage pilot
+        return 0
+    untuned, pilot = ran
+    state["wall_seconds"] += time.time() - t0
+    state["finished"] = time.time()
+    results = sw.collect()
+    state["lrs"] = sw.chosen_lrs(results)
+    with open(state_path, "w") as f:
+        json.dump(state, f, indent=1)
+    return write_report(args, sw, results, untuned, checks, gates, pilot, state["lrs"], state, model_dir, root)
+
+
+def run_sweep(args, sw, checks):
+    """The untuned backbone, the pilot and (unless --stage pilot) the learning rates, every method and seed, the
+    ceiling; returns (untuned, pilot), or None after the pilot stage."""
     untuned = sw.untuned()
     print(f"untuned backbone: held-in val {untuned['val']:.1f}, dev {untuned['dev']['average']:.1f}, "
           f"test {untuned['test']['average']:.1f}")
@@ -142,24 +171,14 @@ def main(argv=None):
         print("pilot gate: both pilot runs sit within 3 points of chance on the dev split; the world, corpus or "
               "mixture may be revised (log it in miniature/README.md), or the sweep run anyway after two failures")
     if args.stage == "pilot":
-        sw.close()
-        return 0
-    lrs = {}
-    if args.stage in ("sweep", "report"):
-        lrs = sw.learning_rates()
-        print(f"learning rates (held-in validation): {lrs}")
-        seeds = config.settings(args.size)["sweep"]["seeds"]
-        sw.main_runs(lrs, seeds[:1])  # seed 0 of every method, then the ceiling, then the other seeds
-        sw.ceiling(lrs)
-        sw.main_runs(lrs, seeds[1:])
-    sw.close()
-    state["wall_seconds"] += time.time() - t0
-    state["finished"] = time.time()
-    results = sw.collect()
-    state["lrs"] = sw.chosen_lrs(results)
-    with open(state_path, "w") as f:
-        json.dump(state, f, indent=1)
-    return write_report(args, sw, results, untuned, checks, gates, pilot, state["lrs"], state, model_dir, root)
+        return None
+    lrs = sw.learning_rates()
+    print(f"learning rates (held-in validation): {lrs}")
+    seeds = config.settings(args.size)["sweep"]["seeds"]
+    sw.main_runs(lrs, seeds[:1])  # seed 0 of every method, then the ceiling, then the other seeds
+    sw.ceiling(lrs)
+    sw.main_runs(lrs, seeds[1:])
+    return untuned, pilot
 
 
 def write_report(args, sw, results, untuned, checks, gates, pilot, lrs, state, model_dir, root):

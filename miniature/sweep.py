@@ -2,7 +2,7 @@
 
 Mirrors the paper's experiments (Zadouri et al. 2023, section 4 and the ablations of section 5) at miniature scale,
 through the project's own command lines (train.py, then evaluate.py), each in a process of its own (at the smoke
-size, handed to a long-lived worker process instead: worker.py):
+size, handed to long-lived worker processes instead: worker.py):
   - controls: chance (from the sets), the untuned backbone, and a ceiling (`ceiling` in config: a method trained
     with the held-out task types in its mixture, on "train" entities; not zero-shot);
   - the pilot: MoV-10 and full fine-tuning, seed 0, scored on the held-out *dev* split (the pilot gate);
@@ -16,6 +16,7 @@ with one thread.
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -36,35 +37,52 @@ def _env():
 
 def _run(cmd, log_path, worker=None):
     """One command line (`python train.py ...`, `python evaluate.py ...`) in a process of its own, or handed to a
-    long-lived worker process (worker.py) that has the project imported already."""
+    long-lived worker process (worker.py) that has torch imported already."""
     with open(log_path, "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        if worker is None:
+        log.write("$ " + shlex.join(cmd) + "\n")
+    if worker is None:
+        with open(log_path, "a") as log:
             status = subprocess.run(["nice", "-n", "10"] + cmd, cwd=ROOT, env=_env(), stdout=log,
                                     stderr=subprocess.STDOUT).returncode
-    if worker is not None:
+    else:
         status = worker.run(cmd[1:], log_path)
     if status:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed ({status}); see {log_path}")
 
 
 class Worker:
-    """A `python -m miniature.worker` process (worker.py): command lines in, exit statuses out, one at a time."""
+    """A `python -m miniature.worker FD` process (worker.py): command lines in on its stdin, exit statuses out on
+    a pipe of their own (whatever else the process prints cannot be read as one), one run at a time."""
 
     def __init__(self):
-        self.p = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "miniature.worker"], cwd=ROOT,
-                                  env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        r, w = os.pipe()
+        self.p = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "miniature.worker", str(w)], cwd=ROOT,
+                                  env=_env(), stdin=subprocess.PIPE, pass_fds=(w,), text=True, bufsize=1)
+        os.close(w)
+        self.answers = os.fdopen(r)
 
     def run(self, argv, log_path):
-        self.p.stdin.write(json.dumps({"argv": argv, "log": os.path.abspath(log_path)}) + "\n")
-        self.p.stdin.flush()
-        answer = self.p.stdout.readline()
-        return int(answer) if answer.strip() else 1  # no answer: the worker died (its log says why)
+        try:
+            self.p.stdin.write(json.dumps({"argv": argv, "log": os.path.abspath(log_path)}) + "\n")
+            self.p.stdin.flush()
+            answer = self.answers.readline()
+        except BrokenPipeError:
+            answer = ""
+        if answer.strip().isdigit():
+            return int(answer)
+        status = self.p.wait()  # no answer: the worker died (killed, or out of memory), so say so in the log
+        with open(log_path, "a") as log:
+            log.write(f"the worker process (miniature/worker.py) ended with status {status} during this run\n")
+        return status or 1
+
+    @property
+    def alive(self):
+        return self.p.poll() is None
 
     def close(self):
         self.p.stdin.close()
         self.p.wait()
+        self.answers.close()
 
 
 def _read(path):
@@ -107,12 +125,13 @@ def resolve(name, model_dir):
 
 
 class Sweep:
-    def __init__(self, size, model_dir, data_dir, ceiling_dir, root, workers=2, log=print, reuse_processes=None):
+    def __init__(self, size, model_dir, data_dir, ceiling_dir, root, workers=2, log=print):
         self.size, self.model, self.data, self.ceiling_data = size, model_dir, data_dir, ceiling_dir
-        # one process per command at the full size; at the smoke size each worker thread hands its commands to a
-        # long-lived process of its own (worker.py), as importing torch would take most of the chain's time
-        self.reuse = size == "smoke" if reuse_processes is None else reuse_processes
-        self._local, self._workers = threading.local(), []
+        # one process per command at the full size; at the smoke size the commands go to long-lived worker
+        # processes (worker.py), as importing torch would take most of the chain's time: a pool of idle ones,
+        # at most one per run at a time, each kept for the whole sweep
+        self.reuse = size == "smoke"
+        self._idle, self._all, self._pool_lock = [], [], threading.Lock()
         self.s = config.settings(size)
         self.root, self.workers, self.log = root, workers, log
         self.hash = config.sweep_hash(size)
@@ -134,19 +153,27 @@ class Sweep:
 
     # ------------------------------------------------------------------ one run
     def _run(self, cmd, log_path):
-        worker = None
-        if self.reuse:
-            worker = getattr(self._local, "worker", None)
-            if worker is None or worker.p.poll() is not None:
-                worker = self._local.worker = Worker()
-                self._workers.append(worker)
-        _run(cmd, log_path, worker)
+        if not self.reuse:
+            return _run(cmd, log_path)
+        with self._pool_lock:
+            worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                worker = Worker()
+                self._all.append(worker)
+        try:
+            _run(cmd, log_path, worker)
+        finally:
+            if worker.alive:
+                with self._pool_lock:
+                    self._idle.append(worker)
 
     def close(self):
         """Ends the worker processes (the smoke size)."""
-        for w in self._workers:
-            w.close()
-        self._workers.clear()
+        with self._pool_lock:
+            for w in self._all:
+                w.close()
+            self._all.clear()
+            self._idle.clear()
 
     def _eval(self, args, out, log_path, datasets=None, routing=False):
         r = self.s["recipe"]

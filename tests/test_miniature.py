@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 
@@ -231,8 +232,11 @@ def test_steps_flag_checked_and_another_experiment(monkeypatch):
         "error: --steps must be a positive multiple of 3 (a checkpoint every third), got 4 "
         "(see python -m miniature --help)"], p.stderr
     from miniature import config
-    before = config.sweep_hash("full"), config.backbone_hash("full")
-    monkeypatch.setitem(config.FULL["recipe"], "steps", 720)
+    from miniature.__main__ import set_steps
+    before, recipe = (config.sweep_hash("full"), config.backbone_hash("full")), config.FULL["recipe"]
+    monkeypatch.setitem(config.FULL, "recipe", recipe)  # put back after the test
+    set_steps("full", 720)
+    assert config.FULL["recipe"] == {**recipe, "steps": 720, "save_every": 240} and recipe["steps"] == 180
     assert config.sweep_hash("full") != before[0] and config.backbone_hash("full") == before[1]
 
 
@@ -243,8 +247,8 @@ def test_smoke_chain(tmp_path):
     out = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "miniature", "--size", "smoke", "--cache", str(tmp_path / "cache"),
-                        "--out", str(out), "--workers", "1", "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
+                        "--out", str(out), "--workers", "1", "--no-progress"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     md = (out / "RESULTS.md").read_text()
     assert (out / "results.png").stat().st_size > 0
@@ -254,9 +258,10 @@ def test_smoke_chain(tmp_path):
     assert "| MoV-10 beats (IA)3 |" in md and "untuned backbone" in md and "ceiling" in md
 
     # the smoke size hands its command lines to a long-lived worker process (miniature/worker.py): the same
-    # commands, each in a fresh process as the full sweep runs them, log the same losses and routing, and score the same
-    run = out / "runs" / "main-mov-10-lr0.01-s0"
-    cmds = [line[2:].split() for line in (run / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
+    # commands, each in a fresh process as the full sweep runs them, log the same losses and routing, and score the
+    # same. The run compared is one of the last (one worker ran every command before it: --workers 1)
+    run, = (out / "runs").glob("main-mov-10-sentence-lr*-s0")
+    cmds = [shlex.split(line[2:]) for line in (run / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
     train_cmd = next(c for c in cmds if c[1] == "train.py")
     test_cmd = next(c for c in cmds if c[1] == "evaluate.py" and c[c.index("--out") + 1].endswith("/test"))
     fresh = tmp_path / "fresh"

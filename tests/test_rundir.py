@@ -510,10 +510,11 @@ def test_bad_input_is_one_error_line_and_changes_nothing(server, inputs, tmp_pat
     ("train.py", "--methd mov", "unrecognized arguments: --methd mov"),
     ("evaluate.py", "--run x --max-examples many", "argument --max-examples: invalid int value: 'many'"),
     ("generate.py", "--max-new-tokens 5 hello", "one of the arguments --run --model is required"),
+    ("bench.py", "--batch-size two", "argument --batch-size: invalid int value: 'two'"),
 ])
 def test_command_line_syntax_errors_are_one_line(server, tmp_path, script, args, needle):
     """What argparse itself rejects (a wrong type, an unknown flag, a missing choice) is one `error:` line naming the
-    flag and pointing to --help, with argparse's status 2: no usage block, in each of the three programs."""
+    flag and pointing to --help, with argparse's status 2: no usage block, in each program a user runs."""
     r = cli(server, tmp_path, script, *args.split())
     assert r.rc == 2, r.err
     assert r.err.strip().splitlines() == [f"error: {needle} (see {script} --help)"], r.err
