@@ -241,6 +241,19 @@ def test_steps_flag_checked_and_another_experiment(monkeypatch):
 
 
 @pytest.mark.slow
+def test_report_only_without_runs_is_an_error(tmp_path):
+    """`--report-only` where no sweep ran says so in one line (status 1) and writes no report: an empty one would
+    replace the one the runs wrote."""
+    out = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "miniature", "--size", "smoke", "--cache", str(tmp_path / "cache"),
+                        "--out", str(out), "--report-only", "--no-progress"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"error: no sweep under {out}; run `python -m miniature` first, or give its directory with --out"], p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
 def test_smoke_chain(tmp_path):
     """The whole chain at smoke size: a tiny backbone pretrained for a few steps, the tasks in P3's layout, two
     training steps per method through train.py, evaluation through evaluate.py, and the report."""
