@@ -1,7 +1,7 @@
 """python -m miniature: pretrain (or reuse) the backbone, build the tasks, run or resume the sweep, write the report.
 
     python -m miniature                      # the whole experiment (resumable: re-run the same command)
-    python -m miniature --size smoke         # the whole chain in about a minute (tiny world and model, 2 steps)
+    python -m miniature --size smoke         # the whole chain in about 20 s (tiny world and model, 2 steps)
     python -m miniature --stage report       # rewrite the report from the runs finished so far
 Stages, in order: pretrain (backbone + gates), data (tasks + no-shortcut checks), pilot (MoV-10 and full on the
 held-out dev split), sweep (learning rates, every method and seed, the ceiling), report. `--stage X` stops after X.
@@ -88,7 +88,8 @@ def main(argv=None):
     from runner.cli import ArgumentParser  # errors as one line, `error: ... (see ... --help)`
     p = ArgumentParser(prog="python -m miniature", description=__doc__.split("\n\n")[0],
                        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=("full", "smoke"), default="full", help="full: the experiment; smoke: ~1 min")
+    p.add_argument("--size", choices=("full", "smoke"), default="full",
+                   help="full: the experiment; smoke: the whole chain in ~20 s")
     p.add_argument("--stage", choices=STAGES, default="report", help="stop after this stage (default: all)")
     p.add_argument("--cache", default=None, help="cache directory (default $PEFT_MOE_CACHE or ~/.cache/peft-moe)")
     p.add_argument("--out", default=None, help="sweep directory (default runs/miniature/<size>-<hash>)")
