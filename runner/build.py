@@ -69,9 +69,9 @@ def activations(dtype: str, device: torch.device) -> tuple[bool, str]:
     """(bf16 autocast on?, a line saying what was picked and why) for --dtype on `device`.
 
     auto: bf16 autocast on an accelerator (CUDA, XLA), the original's precision; float32 on every CPU. On the two
-    CPUs with native bf16 matmuls we measured (an AMD EPYC with AVX512-BF16, an Intel Xeon with AMX), bf16 autocast
-    ran the demo no faster than float32 (150 steps: 11.1 s against 8.8 s on the Xeon, 12 s against 14 s on the
-    EPYC), and without native bf16 it is emulated, several times slower; larger models in bf16 on such CPUs are not
+    CPUs with native bf16 matmuls measured (150 demo steps, best of 2, quiet), bf16 autocast was slower on an Intel
+    Xeon with AMX (11.1 s against 8.8 s in float32) and gained little on an AMD EPYC with AVX512-BF16 (12 s against
+    14 s); without native bf16 it is emulated, several times slower; larger models in bf16 on such CPUs are not
     measured, so float32 stays the rule there too. The choice does not depend on the machine beyond its device, so
     a command picks the same dtype wherever it runs. Under autocast the router softmax, the losses, RMSNorm's
     variance, the logits and the optimizer stay float32 (mov.py, molora.py, t5.py, train.py, adafactor.py)."""
@@ -83,7 +83,7 @@ def activations(dtype: str, device: torch.device) -> tuple[bool, str]:
     if device.type != "cpu":
         return True, f"activations: bf16 autocast (--dtype auto on {device.type})"
     native = cpu_native_bf16()
-    why = f"this CPU's {native} matmuls ran the demo no faster" if native else "this CPU emulates bf16"
+    why = f"this CPU's {native} matmuls gave the demo little or no gain" if native else "this CPU emulates bf16"
     return False, f"activations: float32 (--dtype auto on a CPU: {why}; --dtype bfloat16 forces bf16)"
 
 
@@ -92,8 +92,8 @@ def autocast_enabled(dtype: str, device: torch.device) -> bool:
     return activations(dtype, device)[0]
 
 
-# A model smaller than this gains little from a second thread (the demo's tiny T5: 1.2x quiet) and loses many times
-# over when another process holds a core: it runs on one (tools/threads_bench.py measures both).
+# A model smaller than this gains at most about 1.5x from a second thread on a quiet machine (the demo's tiny T5:
+# 1.0-1.8x) and loses 2-6x when another process holds a core: it runs on one (tools/threads_bench.py measures both).
 ONE_THREAD_BELOW = 10_000_000  # parameters
 
 
@@ -134,7 +134,8 @@ def cpu_threads(model: torch.nn.Module, threads=None, kept=None) -> tuple[int, s
         return kept, f"threads: {kept} (kept from the run's earlier steps; --threads N)"
     params = sum(p.numel() for p in model.parameters())
     if params < ONE_THREAD_BELOW:
-        return 1, f"threads: 1 (a model of {params / 1e6:.1f}M parameters gains little from more; --threads N)"
+        return 1, (f"threads: 1 (a model of {params / 1e6:.1f}M parameters: more would slow 2-6x when a core is "
+                   "busy; --threads N)")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = min(busy_cores(), usable - 1)
     why = f"{usable} cores, {busy} busy with other work" if busy else f"{usable} cores"

@@ -81,7 +81,7 @@ class Source:
         except hub.HubError as e:
             if e.reason.startswith("no dataset repository"):
                 raise FileNotFoundError(f"{missing}, and {e.reason}; {fix}") from e
-            raise OSError(f"{missing}, and {e.reason}. Without the hub: `huggingface-cli download {self.name} "
+            raise OSError(f"{missing}, and {e.reason}. Without the hub: `hf download {self.name} "
                           "--repo-type dataset --local-dir DIR` where it is reachable, then pass DIR") from e
 
     def describe(self, path):

@@ -122,7 +122,7 @@ def resolve(name_or_path):
     state = "not a directory" if os.path.exists(name_or_path) else "no such directory"
     missing = f"no checkpoint {name_or_path!r}: {state} ({os.path.abspath(name_or_path)})"
     how = ("pass a local directory holding config.json and model.safetensors or pytorch_model.bin (HF layout), "
-           "e.g. made with `huggingface-cli download google/t5-xl-lm-adapt --local-dir DIR` where the hub is reachable")
+           "e.g. made with `hf download google/t5-xl-lm-adapt --local-dir DIR` where the hub is reachable")
     if not hub.could_be_repo_id(name_or_path):
         raise FileNotFoundError(f"{missing}, and not a hub name (namespace/name) either. Fix: {how}")
     from huggingface_hub import snapshot_download

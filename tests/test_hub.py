@@ -247,7 +247,7 @@ def test_unreachable_and_offline_hub_are_one_line(tmp_path, monkeypatch, capsys)
     with pytest.raises(OSError) as err:
         data.Mixture(P3)
     line = str(err.value)
-    assert "\n" not in line and "offline mode (HF_HUB_OFFLINE=1)" in line and f"huggingface-cli download {P3}" in line
+    assert "\n" not in line and "offline mode (HF_HUB_OFFLINE=1)" in line and f"hf download {P3}" in line
 
 
 def test_paths_that_are_not_directories(small, tmp_path, monkeypatch, capsys):
