@@ -124,10 +124,6 @@ def main(argv=None):
         return 0
     from . import sweep
     root = args.out or os.path.join(ROOT, "runs", "miniature", f"{args.size}-{config.sweep_hash(args.size)}")
-    if args.report_only and not os.path.isdir(os.path.join(root, "runs")):
-        print(f"error: no sweep under {root}; run `python -m miniature` first, or give its directory with --out",
-              file=sys.stderr)
-        return 1
     sw = sweep.Sweep(args.size, model_dir, mix, ceil, root, workers=args.workers)
     state_path = os.path.join(root, "state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else {"wall_seconds": 0.0}
@@ -140,8 +136,8 @@ def main(argv=None):
     if args.report_only:
         results = sw.collect()
         if not results:  # an empty report would replace the one written by the runs
-            print(f"error: no finished runs under {root}; nothing to report", file=sys.stderr)
-            return 1
+            raise FileNotFoundError(f"no sweep under {root}; run `python -m miniature` first, or give its "
+                                    "directory with --out")
         lrs = sw.chosen_lrs(results)
         pilot_lr = config.settings(args.size)["sweep"]["pilot_lr"]
         pilot = [r for r in results if r.get("stage") == "main" and r.get("seed") == 0 and "dev" in r and
@@ -216,4 +212,5 @@ def write_report(args, sw, results, untuned, checks, gates, pilot, lrs, state, m
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runner import cli  # (the project root is on sys.path: .project)
+    sys.exit(cli.run(main))  # errors a user can fix (OSError, ValueError) as one `error:` line

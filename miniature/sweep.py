@@ -40,12 +40,12 @@ def _run(cmd, log_path, worker=None):
     long-lived worker process (worker.py) that has torch imported already."""
     with open(log_path, "a") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
-    if worker is None:
-        with open(log_path, "a") as log:
+        log.flush()
+        if worker is None:
             status = subprocess.run(["nice", "-n", "10"] + cmd, cwd=ROOT, env=_env(), stdout=log,
                                     stderr=subprocess.STDOUT).returncode
-    else:
-        status = worker.run(cmd[1:], log_path)
+        else:
+            status = worker.run(cmd[1:], log_path)
     if status:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed ({status}); see {log_path}")
 
@@ -136,7 +136,6 @@ class Sweep:
         self.root, self.workers, self.log = root, workers, log
         self.hash = config.sweep_hash(size)
         self.grid = config.LR_GRID if size == "full" else config.SMOKE_LR_GRID
-        os.makedirs(os.path.join(root, "runs"), exist_ok=True)
         self.val_sets = self._datasets("val_")
         self.dev_sets = self._datasets("dev_")
         self._specs = {}
@@ -341,7 +340,7 @@ class Sweep:
         """Every result.json of the current hash under runs/."""
         out = []
         base = os.path.join(self.root, "runs")
-        for d in sorted(os.listdir(base)):
+        for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
             path = os.path.join(base, d, "result.json")
             if os.path.exists(path):
                 res = _read(path)
